@@ -1,0 +1,57 @@
+# cryptopi: one command for each thing a user or CI does. See README.md.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# uv runs everything from the committed lock; it is installed once per user if missing.
+UV := $(or $(shell command -v uv 2>/dev/null),$(HOME)/.local/bin/uv)
+export UV_PYTHON_DOWNLOADS := never
+export UV_PYTHON := python3.11
+RUN := $(UV) run --locked --extra dev
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+DATASETS := appliance/datasets
+DEMO_PORT := 8765
+
+.PHONY: help setup run demo test lint fmt bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(UV):
+	@command -v python3 >/dev/null || { echo "python3 is needed: apt-get install python3"; exit 1; }
+	@python3 -m pip --version >/dev/null 2>&1 || $(SUDO) apt-get install -y python3-pip
+	python3 -m pip install --user --break-system-packages uv 2>/dev/null || python3 -m pip install --user uv
+
+setup: $(UV)  ## create .venv from the lock (runtime + dev tools)
+	$(UV) sync --locked --extra dev
+
+run: setup  ## run the appliance against the live Coinbase feed (CRYPTOPI_* settings)
+	$(RUN) python -m appliance ingest
+
+demo: setup  ## offline: replay bundled real Coinbase candles and ingest them
+	@echo "replaying bundled BTC-USD/ETH-USD candles on 127.0.0.1:$(DEMO_PORT); Ctrl-C stops both"
+	@trap 'kill 0' EXIT INT TERM; \
+	$(RUN) python -m appliance replay --port $(DEMO_PORT) --speed 600 \
+		--candles BTC-USD=$(DATASETS)/coinbase_BTC-USD_1h.csv --candles ETH-USD=$(DATASETS)/coinbase_ETH-USD_1h.csv \
+		--from 2026-03-01 --start-at 2026-05-01 & \
+	sleep 3; \
+	CRYPTOPI_DATA_DIR=$${CRYPTOPI_DATA_DIR:-data/demo} \
+	CRYPTOPI_COINBASE_WS_URL=ws://127.0.0.1:$(DEMO_PORT) CRYPTOPI_COINBASE_REST_URL=http://127.0.0.1:$(DEMO_PORT) \
+		$(RUN) python -m appliance ingest
+
+lint: setup  ## ruff (lint + format check) and mypy --strict
+	$(RUN) ruff check .
+	$(RUN) ruff format --check .
+	$(RUN) mypy
+
+fmt: setup  ## apply ruff's fixes and formatting
+	$(RUN) ruff check --fix .
+	$(RUN) ruff format .
+
+test: lint  ## the whole test suite (what CI runs)
+	$(RUN) pytest
+
+bench: setup  ## measure throughput and memory; JSON in bench-results/, summary on stdout
+	$(RUN) python -m tests.bench
+
+clean:  ## remove the virtualenv, caches and local data
+	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache bench-results data

@@ -1,0 +1,219 @@
+"""Live ingest: Coinbase trades into exact minute and hourly candles in SQLite.
+
+Per product, trades are applied strictly in trade_id order. A jump in trade_id (a dropped message,
+a reconnect, a restart, a heartbeat that knows of newer trades) is filled from REST before anything
+later is applied. ``last_trade_id`` only ever advances over trades actually held, so a forged or
+premature id can delay a trade but never make one be skipped. Candle deltas are committed with the
+cursor in one transaction (see :mod:`appliance.store`), when a minute closes and at least every
+``commit_interval_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from appliance.candles import MINUTE, TRADE_GRANULARITIES, Candle, Trade, bucket_start
+from appliance.coinbase.feed import CoinbaseFeed, Connected, Disconnected
+from appliance.coinbase.messages import HeartbeatMessage, MatchMessage
+from appliance.coinbase.rest import CoinbaseRest, CoinbaseRestError
+from appliance.metrics import (
+    FEED_REJECTED,
+    GAPS_REPAIRED,
+    LAST_TRADE_TIME,
+    TRADES_INGESTED,
+    TRADES_UNRECOVERABLE,
+)
+from appliance.settings import Settings
+from appliance.store import Store
+
+log = logging.getLogger(__name__)
+
+#: Shortest spacing of minute-close commits during bursts (catch-up, replays).
+MIN_COMMIT_GAP_S = 0.05
+PRUNE_EVERY_S = 600.0
+
+
+@dataclass(slots=True)
+class ProductCursor:
+    """What one product's ingest holds: the committed cursor and the uncommitted candle deltas."""
+
+    product: str
+    first_trade_id: int | None = None
+    last_trade_id: int | None = None
+    last_time_us: int = 0
+    pending: dict[tuple[int, int], Candle] = field(default_factory=dict)
+    pending_trades: int = 0
+    minute_closed: bool = False
+
+    def apply(self, trade: Trade) -> None:
+        if self.first_trade_id is None:
+            self.first_trade_id = trade.trade_id
+        elif self.last_time_us and bucket_start(trade.time_us, MINUTE) > bucket_start(
+            self.last_time_us, MINUTE
+        ):
+            self.minute_closed = True
+        self.last_trade_id = trade.trade_id
+        self.last_time_us = trade.time_us
+        for g in TRADE_GRANULARITIES:
+            key = (g, bucket_start(trade.time_us, g))
+            candle = self.pending.get(key)
+            if candle is None:
+                self.pending[key] = Candle.of(trade)
+            else:
+                candle.add(trade)
+        self.pending_trades += 1
+
+
+class Ingester:
+    def __init__(
+        self, settings: Settings, store: Store, rest: CoinbaseRest, feed: CoinbaseFeed | None = None
+    ):
+        self.settings = settings
+        self.store = store
+        self.rest = rest
+        self.feed = feed or CoinbaseFeed(
+            settings.coinbase_ws_url,
+            settings.products,
+            watchdog_s=settings.feed_watchdog_s,
+            reconnect_max_s=settings.reconnect_max_s,
+        )
+        self.cursors: dict[str, ProductCursor] = {}
+        for product in settings.products:
+            state = store.ingest_state(product)
+            cursor = ProductCursor(product)
+            if state:
+                cursor.first_trade_id = state.first_trade_id
+                cursor.last_trade_id = state.last_trade_id
+                cursor.last_time_us = state.last_trade_time_us
+            self.cursors[product] = cursor
+        self._last_commit = 0.0
+        self._last_prune = 0.0
+
+    async def run(self) -> None:
+        """Ingest until cancelled; whatever is pending is committed on the way out."""
+        for c in self.cursors.values():
+            log.info(
+                "ingest resuming" if c.last_trade_id else "ingest starting fresh",
+                extra={"product": c.product, "last_trade_id": c.last_trade_id},
+            )
+        flusher = asyncio.create_task(self._flush_periodically())
+        try:
+            async for event in self.feed.events():
+                if isinstance(event, MatchMessage):
+                    await self._on_trade(event.trade())
+                elif isinstance(event, HeartbeatMessage):
+                    await self._on_heartbeat(event)
+                elif isinstance(event, Connected | Disconnected):
+                    self.commit()
+                self._maybe_commit()
+        finally:
+            flusher.cancel()
+            self.commit()
+
+    async def _on_trade(self, trade: Trade) -> None:
+        c = self.cursors[trade.product]
+        if c.last_trade_id is None:
+            self._apply(c, trade, "feed")
+            return
+        if trade.trade_id <= c.last_trade_id:
+            FEED_REJECTED.labels("duplicate").inc()
+            return
+        if trade.trade_id > c.last_trade_id + 1:
+            await self._repair(c, trade.trade_id - 1)
+        if trade.trade_id == c.last_trade_id + 1:
+            self._apply(c, trade, "feed")
+        elif trade.trade_id > c.last_trade_id:
+            # REST does not know the trades before it (yet): hold off; a later frame retries the repair.
+            FEED_REJECTED.labels("unconfirmed").inc()
+            log.warning(
+                "trade id ahead of what REST confirms; not applied",
+                extra={"product": c.product, "trade_id": trade.trade_id, "last_trade_id": c.last_trade_id},
+            )
+
+    async def _on_heartbeat(self, hb: HeartbeatMessage) -> None:
+        c = self.cursors[hb.product_id]
+        if c.last_trade_id is not None and hb.last_trade_id > c.last_trade_id:
+            await self._repair(c, hb.last_trade_id)
+            if c.last_trade_id < hb.last_trade_id:
+                FEED_REJECTED.labels("unconfirmed").inc()
+        if c.pending and bucket_start(c.last_time_us, MINUTE) + MINUTE <= hb.time.timestamp():
+            c.minute_closed = True
+
+    async def _repair(self, c: ProductCursor, up_to_id: int) -> None:
+        assert c.last_trade_id is not None
+        after = c.last_trade_id
+        started = time.monotonic()
+        try:
+            trades = await self.rest.trades_between(c.product, after, up_to_id)
+        except CoinbaseRestError as exc:
+            log.error(
+                "trade gap not repaired; will retry on the next frame",
+                extra={"product": c.product, "after": after, "up_to": up_to_id, "error": str(exc)},
+            )
+            return
+        skipped = 0
+        for t in trades:
+            skipped += t.trade_id - c.last_trade_id - 1
+            self._apply(c, t, "rest")
+        if trades:
+            GAPS_REPAIRED.labels(c.product).inc()
+        if skipped:
+            TRADES_UNRECOVERABLE.labels(c.product).inc(skipped)
+        log.info(
+            "trade gap repaired",
+            extra={
+                "product": c.product,
+                "after": after,
+                "up_to": up_to_id,
+                "fetched": len(trades),
+                "unrecoverable": skipped,
+                "now_at": c.last_trade_id,
+                "ms": round((time.monotonic() - started) * 1000, 1),
+            },
+        )
+
+    def _apply(self, c: ProductCursor, trade: Trade, via: str) -> None:
+        c.apply(trade)
+        TRADES_INGESTED.labels(c.product, via).inc()
+
+    def _maybe_commit(self) -> None:
+        if any(c.minute_closed for c in self.cursors.values()) and (
+            time.monotonic() - self._last_commit >= MIN_COMMIT_GAP_S
+        ):
+            self.commit()
+
+    def commit(self) -> None:
+        for c in self.cursors.values():
+            if not c.pending:
+                continue
+            assert c.first_trade_id is not None
+            assert c.last_trade_id is not None
+            self.store.commit_trades(
+                c.product,
+                c.pending,
+                first_trade_id=c.first_trade_id,
+                last_trade_id=c.last_trade_id,
+                last_trade_time_us=c.last_time_us,
+            )
+            LAST_TRADE_TIME.labels(c.product).set(c.last_time_us / 1e6)
+            c.pending = {}
+            c.pending_trades = 0
+            c.minute_closed = False
+        self._last_commit = time.monotonic()
+
+    async def _flush_periodically(self) -> None:
+        retention_s = self.settings.minute_retention_days * 86_400
+        while True:
+            await asyncio.sleep(min(self.settings.commit_interval_s, MIN_COMMIT_GAP_S * 4))
+            if time.monotonic() - self._last_commit >= self.settings.commit_interval_s or any(
+                c.minute_closed for c in self.cursors.values()
+            ):
+                self.commit()
+            if time.monotonic() - self._last_prune >= PRUNE_EVERY_S:
+                self._last_prune = time.monotonic()
+                removed = self.store.prune_trade_candles(MINUTE, retention_s)
+                if removed:
+                    log.info("minute candles pruned", extra={"removed": removed})

@@ -1,0 +1,91 @@
+"""The appliance's settings: one object, from ``CRYPTOPI_*`` environment variables, checked at start."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from appliance.coinbase.messages import PRODUCT_PATTERN
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CRYPTOPI_", extra="ignore", frozen=True)
+
+    data_dir: Path = Field(Path("data"), description="Folder of the SQLite database")
+    products: Annotated[tuple[str, ...], NoDecode] = Field(
+        ("BTC-USD", "ETH-USD"), description="Comma-separated Coinbase product ids"
+    )
+    coinbase_ws_url: str = "wss://ws-feed.exchange.coinbase.com"
+    coinbase_rest_url: str = "https://api.exchange.coinbase.com"
+    minute_retention_days: float = Field(30.0, gt=0, description="Minute candles kept, in days of data")
+    feed_watchdog_s: float = Field(10.0, gt=0, description="Reconnect when the feed is silent this long")
+    reconnect_max_s: float = Field(30.0, gt=0, description="Cap of the reconnect back-off")
+    rest_rate_per_s: float = Field(10.0, gt=0, le=10, description="Coinbase's public limit is 10/s")
+    rest_timeout_s: float = Field(10.0, gt=0)
+    commit_interval_s: float = Field(1.0, gt=0, description="Longest time trades wait uncommitted")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["logfmt", "json"] = "logfmt"
+
+    @field_validator("products", mode="before")
+    @classmethod
+    def _split_products(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = tuple(p.strip() for p in value.split(",") if p.strip())
+        return value
+
+    @field_validator("products")
+    @classmethod
+    def _check_products(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("name at least one product, e.g. BTC-USD")
+        for product in value:
+            if not re.match(PRODUCT_PATTERN, product):
+                raise ValueError(f"{product!r} is not a Coinbase product id like BTC-USD")
+        if len(set(value)) != len(value):
+            raise ValueError("a product is listed twice")
+        return value
+
+    @field_validator("coinbase_ws_url")
+    @classmethod
+    def _check_ws_url(cls, value: str) -> str:
+        return _check_url(value, ("ws", "wss"))
+
+    @field_validator("coinbase_rest_url")
+    @classmethod
+    def _check_rest_url(cls, value: str) -> str:
+        return _check_url(value, ("http", "https"))
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "cryptopi.sqlite3"
+
+
+def _check_url(value: str, schemes: tuple[str, ...]) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in schemes or not parts.hostname:
+        raise ValueError(f"{value!r} is not a {'/'.join(schemes)} URL")
+    return value
+
+
+class ConfigError(SystemExit):
+    """Bad configuration: exits with status 2 and a message naming each bad variable."""
+
+    def __init__(self, exc: ValidationError) -> None:
+        lines = []
+        for err in exc.errors(include_url=False):
+            field = str(err["loc"][0]) if err["loc"] else "?"
+            lines.append(f"  CRYPTOPI_{field.upper()}: {err['msg']} (got {str(err.get('input'))[:60]!r})")
+        print("invalid configuration:\n" + "\n".join(lines), flush=True)
+        super().__init__(2)
+
+
+def load_settings(**overrides: object) -> Settings:
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise ConfigError(exc) from None

@@ -1,0 +1,279 @@
+"""The appliance's one SQLite file: candles, ingest state, schema migrations.
+
+WAL mode, so readers never block the single writer (the ingester) and the writer never blocks them.
+Crash safety rests on one invariant kept by :meth:`Store.commit_trades`: the trade candles always
+equal the aggregate of exactly the trades up to ``ingest_state.last_trade_id``, because the candle
+deltas and that id are written in the same transaction. After a crash the ingester resumes from the
+id and fetches whatever came later over REST.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from appliance.candles import SIZE_SCALE, Candle
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: trade-built candles, imported history, per-product ingest cursor.
+    """
+    CREATE TABLE trade_candles (
+        product TEXT NOT NULL,
+        granularity INTEGER NOT NULL,
+        start INTEGER NOT NULL,
+        open REAL NOT NULL, high REAL NOT NULL, low REAL NOT NULL, close REAL NOT NULL,
+        volume_e8 INTEGER NOT NULL CHECK (volume_e8 > 0),
+        trades INTEGER NOT NULL CHECK (trades > 0),
+        PRIMARY KEY (product, granularity, start)
+    ) WITHOUT ROWID;
+    CREATE TABLE history_candles (
+        product TEXT NOT NULL,
+        granularity INTEGER NOT NULL,
+        start INTEGER NOT NULL,
+        open REAL NOT NULL, high REAL NOT NULL, low REAL NOT NULL, close REAL NOT NULL,
+        volume REAL NOT NULL CHECK (volume >= 0),
+        source TEXT NOT NULL,
+        PRIMARY KEY (product, granularity, start)
+    ) WITHOUT ROWID;
+    CREATE TABLE ingest_state (
+        product TEXT PRIMARY KEY,
+        first_trade_id INTEGER NOT NULL,
+        last_trade_id INTEGER NOT NULL,
+        last_trade_time_us INTEGER NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    """,
+)
+
+CandleSource = Literal["trades", "history"]
+
+
+@dataclass(frozen=True, slots=True)
+class CandleRow:
+    start: int
+    open: float
+    high: float
+    low: float
+    close: float
+    volume: float
+    trades: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IngestState:
+    product: str
+    first_trade_id: int
+    last_trade_id: int
+    last_trade_time_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class UpsertResult:
+    inserted: int
+    changed: int
+    unchanged: int
+
+
+class Store:
+    """One connection to the database; make one per thread or task that needs its own."""
+
+    def __init__(self, path: Path | str, *, readonly: bool = False) -> None:
+        self.path = Path(path)
+        if readonly:
+            uri = f"file:{self.path}?mode=ro"
+            self._db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA busy_timeout = 5000")
+        if not readonly:
+            self._db.execute("PRAGMA journal_mode = WAL")
+            # NORMAL in WAL mode: a power cut may lose the last commits but never corrupts; the
+            # ingester re-fetches anything after the committed trade id.
+            self._db.execute("PRAGMA synchronous = NORMAL")
+            self._migrate()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        (version,) = self._db.execute("PRAGMA user_version").fetchone()
+        if version > len(MIGRATIONS):
+            raise RuntimeError(
+                f"{self.path} has schema version {version}, newer than this program's {len(MIGRATIONS)}"
+            )
+        for number in range(version + 1, len(MIGRATIONS) + 1):
+            with self._transaction() as db:
+                for statement in MIGRATIONS[number - 1].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {number}")
+            log.info("schema migrated", extra={"db": str(self.path), "version": number})
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    # -- trade path -------------------------------------------------------------------------------
+
+    def commit_trades(
+        self,
+        product: str,
+        deltas: Mapping[tuple[int, int], Candle],
+        *,
+        first_trade_id: int,
+        last_trade_id: int,
+        last_trade_time_us: int,
+    ) -> None:
+        """Merge candle deltas (keyed by granularity, start) and advance the cursor, atomically."""
+        with self._transaction() as db:
+            db.executemany(
+                """
+                INSERT INTO trade_candles VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                ON CONFLICT (product, granularity, start) DO UPDATE SET
+                    high = max(high, excluded.high), low = min(low, excluded.low),
+                    close = excluded.close, volume_e8 = volume_e8 + excluded.volume_e8,
+                    trades = trades + excluded.trades
+                """,
+                [
+                    (product, g, s, c.open, c.high, c.low, c.close, c.volume_e8, c.trades)
+                    for (g, s), c in deltas.items()
+                ],
+            )
+            db.execute(
+                """
+                INSERT INTO ingest_state VALUES (?, ?, ?, ?, ?)
+                ON CONFLICT (product) DO UPDATE SET last_trade_id = excluded.last_trade_id,
+                    last_trade_time_us = excluded.last_trade_time_us, updated_at = excluded.updated_at
+                """,
+                (product, first_trade_id, last_trade_id, last_trade_time_us, time.time()),
+            )
+
+    def ingest_state(self, product: str) -> IngestState | None:
+        row = self._db.execute(
+            "SELECT product, first_trade_id, last_trade_id, last_trade_time_us FROM ingest_state"
+            " WHERE product = ?",
+            (product,),
+        ).fetchone()
+        return IngestState(*row) if row else None
+
+    def prune_trade_candles(self, granularity: int, keep_s: float) -> int:
+        """Drop candles of one granularity older than ``keep_s`` before each product's newest one.
+
+        Measured from the data rather than the wall clock, so replaying old markets prunes sanely.
+        """
+        with self._transaction() as db:
+            cur = db.execute(
+                """
+                DELETE FROM trade_candles AS t WHERE granularity = :g AND start < (
+                    SELECT max(start) FROM trade_candles AS n
+                    WHERE n.product = t.product AND n.granularity = :g) - :keep
+                """,
+                {"g": granularity, "keep": keep_s},
+            )
+        return cur.rowcount
+
+    # -- imported history -------------------------------------------------------------------------
+
+    def upsert_history(
+        self, product: str, granularity: int, rows: Iterable[CandleRow], source: str
+    ) -> UpsertResult:
+        """Insert or correct imported candles; identical rows are left untouched (idempotent)."""
+        rows = list(rows)
+        if not rows:
+            return UpsertResult(0, 0, 0)
+        existing = {
+            start
+            for (start,) in self._db.execute(
+                "SELECT start FROM history_candles WHERE product = ? AND granularity = ?"
+                " AND start BETWEEN ? AND ?",
+                (product, granularity, min(r.start for r in rows), max(r.start for r in rows)),
+            )
+        }
+        inserted = changed = 0
+        with self._transaction() as db:
+            for r in rows:
+                cur = db.execute(
+                    """
+                    INSERT INTO history_candles VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                    ON CONFLICT (product, granularity, start) DO UPDATE SET
+                        open = excluded.open, high = excluded.high, low = excluded.low,
+                        close = excluded.close, volume = excluded.volume, source = excluded.source
+                    WHERE open <> excluded.open OR high <> excluded.high OR low <> excluded.low
+                        OR close <> excluded.close OR volume <> excluded.volume
+                    """,
+                    (product, granularity, r.start, r.open, r.high, r.low, r.close, r.volume, source),
+                )
+                if cur.rowcount:
+                    if r.start in existing:
+                        changed += 1
+                    else:
+                        inserted += 1
+        return UpsertResult(inserted, changed, len(rows) - inserted - changed)
+
+    # -- reads ------------------------------------------------------------------------------------
+
+    def candles(
+        self,
+        product: str,
+        granularity: int,
+        *,
+        source: CandleSource = "trades",
+        start: int | None = None,
+        end: int | None = None,
+    ) -> list[CandleRow]:
+        """Candles with ``start <= bucket start < end``, oldest first."""
+        lo = start if start is not None else -(2**62)
+        hi = end if end is not None else 2**62
+        if source == "trades":
+            sql = (
+                "SELECT start, open, high, low, close, volume_e8, trades FROM trade_candles"
+                " WHERE product = ? AND granularity = ? AND start >= ? AND start < ? ORDER BY start"
+            )
+            return [
+                CandleRow(s, o, h, lo_, c, v / SIZE_SCALE, n)
+                for s, o, h, lo_, c, v, n in self._db.execute(sql, (product, granularity, lo, hi))
+            ]
+        sql = (
+            "SELECT start, open, high, low, close, volume FROM history_candles"
+            " WHERE product = ? AND granularity = ? AND start >= ? AND start < ? ORDER BY start"
+        )
+        return [CandleRow(*row) for row in self._db.execute(sql, (product, granularity, lo, hi))]
+
+    def trade_candle_deltas(self, product: str, granularity: int) -> dict[int, Candle]:
+        """Exact stored trade candles (integer volume), for comparisons against an oracle."""
+        return {
+            s: Candle(o, h, lo, c, v, n)
+            for s, o, h, lo, c, v, n in self._db.execute(
+                "SELECT start, open, high, low, close, volume_e8, trades FROM trade_candles"
+                " WHERE product = ? AND granularity = ?",
+                (product, granularity),
+            )
+        }
+
+    def integrity_check(self) -> str:
+        return str(self._db.execute("PRAGMA integrity_check").fetchone()[0])

@@ -1,0 +1,143 @@
+"""Shared fixtures: real tapes from the bundled Coinbase data, a replay server, and the oracle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.candles import TRADE_GRANULARITIES, Candle, Trade, aggregate
+from appliance.coinbase.tape import load_tape
+from appliance.settings import Settings
+from appliance.store import Store
+
+REPO = Path(__file__).resolve().parent.parent
+DATASETS = REPO / "appliance" / "datasets"
+CAPTURE = DATASETS / "coinbase_ws_exchange_feed_2026-07-07_BTC-USD_ETH-USD_matches_heartbeat.jsonl"
+BTC_1H = DATASETS / "coinbase_BTC-USD_1h.csv"
+ETH_1H = DATASETS / "coinbase_ETH-USD_1h.csv"
+BTC_1M = DATASETS / "coinbase_BTC-USD_1m.csv"
+# 2025-09-01 .. 2025-10-01 (epoch s): a month of both products, ~10k generated trades.
+SEPT_2025 = (1756684800, 1759276800)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def month_tape() -> list[Trade]:
+    """Both products' real hourly candles for September 2025, as trades that rebuild them."""
+    return load_tape(candles=[("BTC-USD", BTC_1H), ("ETH-USD", ETH_1H)], start=SEPT_2025[0], end=SEPT_2025[1])
+
+
+@pytest.fixture(scope="session")
+def capture_tape() -> list[Trade]:
+    return load_tape(captures=[CAPTURE])
+
+
+def oracle(trades: Sequence[Trade], product: str, first_trade_id: int, granularity: int) -> dict[int, Candle]:
+    """The candles the tape implies from ``first_trade_id`` on, straight from the trades."""
+    picked = sorted(
+        (t for t in trades if t.product == product and t.trade_id >= first_trade_id), key=lambda t: t.trade_id
+    )
+    return {start: c for (_, start), c in aggregate(picked, granularity).items()}
+
+
+def assert_store_matches_tape(store: Store, trades: Sequence[Trade], products: Sequence[str]) -> None:
+    for product in products:
+        state = store.ingest_state(product)
+        assert state is not None, f"{product}: nothing ingested"
+        last = max(t.trade_id for t in trades if t.product == product)
+        assert state.last_trade_id == last, (
+            f"{product}: stopped at {state.last_trade_id}, tape ends at {last}"
+        )
+        for g in TRADE_GRANULARITIES:
+            expected = oracle(trades, product, state.first_trade_id, g)
+            got = store.trade_candle_deltas(product, g)
+            assert got.keys() == expected.keys(), f"{product} {g}s: buckets differ"
+            bad = [s for s in expected if got[s] != expected[s]]
+            assert not bad, (
+                f"{product} {g}s: {len(bad)} bars differ, first {bad[0]}: {got[bad[0]]} != {expected[bad[0]]}"
+            )
+
+
+def make_settings(tmp_path: Path, port: int, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "data_dir": tmp_path,
+        "products": ("BTC-USD", "ETH-USD"),
+        "coinbase_ws_url": f"ws://127.0.0.1:{port}",
+        "coinbase_rest_url": f"http://127.0.0.1:{port}",
+        "feed_watchdog_s": 1.0,
+        "reconnect_max_s": 0.5,
+        "commit_interval_s": 0.2,
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+@contextlib.contextmanager
+def replay_process(args: Sequence[str]) -> Iterator[int]:
+    """``python -m appliance replay`` in its own process (the real CLI); yields its port."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance", "replay", "--port", str(port), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=os.environ.copy(),
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not re.search(rf":{port}\b", line):
+            proc.kill()
+            raise AssertionError(
+                f"replay did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}"
+            )
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture
+async def running() -> AsyncIterator[Callable[..., asyncio.Task[None]]]:
+    """Start coroutines as tasks that are cancelled (and awaited) when the test ends."""
+    tasks: list[asyncio.Task[None]] = []
+
+    def start(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(coro)
+        tasks.append(task)
+        return task
+
+    yield start
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -1,0 +1,125 @@
+"""The SQLite store: migrations, WAL, atomic commits, idempotent history, retention."""
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from appliance.candles import Candle
+from appliance.store import MIGRATIONS, CandleRow, IngestState, Store
+
+
+def test_fresh_database_is_migrated_and_in_wal(tmp_path: Path) -> None:
+    with Store(tmp_path / "db.sqlite3") as store:
+        assert store.schema_version == len(MIGRATIONS)
+        assert store.integrity_check() == "ok"
+    db = sqlite3.connect(tmp_path / "db.sqlite3")
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_reopening_keeps_data_and_does_not_remigrate(tmp_path: Path) -> None:
+    with Store(tmp_path / "db.sqlite3") as store:
+        store.commit_trades(
+            "BTC-USD",
+            {(60, 0): Candle(1, 2, 1, 2, 10, 2)},
+            first_trade_id=1,
+            last_trade_id=2,
+            last_trade_time_us=5,
+        )
+    with Store(tmp_path / "db.sqlite3") as store:
+        assert store.ingest_state("BTC-USD").last_trade_id == 2  # type: ignore[union-attr]
+        assert store.trade_candle_deltas("BTC-USD", 60) == {0: Candle(1, 2, 1, 2, 10, 2)}
+
+
+def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    Store(tmp_path / "db.sqlite3").close()
+    sqlite3.connect(tmp_path / "db.sqlite3").execute("PRAGMA user_version = 99")
+    with pytest.raises(RuntimeError, match="newer"):
+        Store(tmp_path / "db.sqlite3")
+
+
+def test_commits_merge_deltas_and_move_the_cursor(tmp_path: Path) -> None:
+    with Store(tmp_path / "db.sqlite3") as store:
+        store.commit_trades(
+            "BTC-USD",
+            {(60, 0): Candle(10, 12, 9, 11, 5, 3)},
+            first_trade_id=1,
+            last_trade_id=3,
+            last_trade_time_us=1,
+        )
+        store.commit_trades(
+            "BTC-USD",
+            {(60, 0): Candle(8, 8, 7, 7.5, 2, 1), (60, 60): Candle(7, 7, 7, 7, 1, 1)},
+            first_trade_id=1,
+            last_trade_id=5,
+            last_trade_time_us=2,
+        )
+        assert store.trade_candle_deltas("BTC-USD", 60) == {
+            0: Candle(10, 12, 7, 7.5, 7, 4),
+            60: Candle(7, 7, 7, 7, 1, 1),
+        }
+        state = store.ingest_state("BTC-USD")
+        assert (state.first_trade_id, state.last_trade_id) == (1, 5)  # type: ignore[union-attr]
+
+
+def test_a_failed_commit_leaves_nothing_behind(tmp_path: Path) -> None:
+    with Store(tmp_path / "db.sqlite3") as store:
+        bad = {
+            (60, 0): Candle(1, 1, 1, 1, 1, 1),
+            (60, 60): Candle(1, 1, 1, 1, 0, 1),
+        }  # volume 0 violates CHECK
+        with pytest.raises(sqlite3.IntegrityError):
+            store.commit_trades("BTC-USD", bad, first_trade_id=1, last_trade_id=2, last_trade_time_us=1)
+        assert store.trade_candle_deltas("BTC-USD", 60) == {}
+        assert store.ingest_state("BTC-USD") is None
+
+
+def test_history_upsert_is_idempotent_and_counts_corrections(tmp_path: Path) -> None:
+    rows = [CandleRow(3600 * i, 1.0 + i, 2.0 + i, 0.5 + i, 1.5 + i, 10.0) for i in range(5)]
+    with Store(tmp_path / "db.sqlite3") as store:
+        first = store.upsert_history("BTC-USD", 3600, rows, "test")
+        again = store.upsert_history("BTC-USD", 3600, rows, "test")
+        fixed = store.upsert_history("BTC-USD", 3600, [CandleRow(0, 1.0, 2.0, 0.5, 1.5, 11.0)], "test")
+        assert (first.inserted, first.changed, first.unchanged) == (5, 0, 0)
+        assert (again.inserted, again.changed, again.unchanged) == (0, 0, 5)
+        assert (fixed.inserted, fixed.changed) == (0, 1)
+        assert store.candles("BTC-USD", 3600, source="history")[0].volume == 11.0
+        assert [r.start for r in store.candles("BTC-USD", 3600, source="history", start=3600, end=10800)] == [
+            3600,
+            7200,
+        ]
+
+
+def test_retention_is_measured_from_the_newest_candle(tmp_path: Path) -> None:
+    day = 86400
+    with Store(tmp_path / "db.sqlite3") as store:
+        deltas = {(60, s): Candle(1, 1, 1, 1, 1, 1) for s in (0, day, 10 * day)}
+        deltas[(3600, 0)] = Candle(1, 1, 1, 1, 3, 3)
+        store.commit_trades("BTC-USD", deltas, first_trade_id=1, last_trade_id=3, last_trade_time_us=1)
+        assert store.prune_trade_candles(60, 5 * day) == 2
+        assert list(store.trade_candle_deltas("BTC-USD", 60)) == [10 * day]
+        assert list(store.trade_candle_deltas("BTC-USD", 3600)) == [0]  # hourly candles are kept
+
+
+def test_readers_are_not_blocked_by_an_open_write(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    with Store(path) as writer:
+        writer.commit_trades(
+            "BTC-USD",
+            {(60, 0): Candle(1, 1, 1, 1, 1, 1)},
+            first_trade_id=1,
+            last_trade_id=1,
+            last_trade_time_us=1,
+        )
+        raw = sqlite3.connect(path, isolation_level=None)
+        raw.execute("BEGIN IMMEDIATE")
+        raw.execute("UPDATE ingest_state SET last_trade_id = 99")  # uncommitted write in progress
+        seen: list[IngestState | None] = []
+        reader = threading.Thread(
+            target=lambda: seen.append(Store(path, readonly=True).ingest_state("BTC-USD"))
+        )
+        reader.start()
+        reader.join(2)
+        raw.execute("ROLLBACK")
+        assert [s.last_trade_id if s else None for s in seen] == [1]

@@ -1,0 +1,1 @@
+"""Training pipeline: datasets, CNN and Lasso models, evaluation, ONNX export and the model registry."""

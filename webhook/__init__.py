@@ -1,0 +1,1 @@
+"""Docker Hub webhook receiver: health-gated redeploys with rollback."""
