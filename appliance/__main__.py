@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--omit-rate", type=float, default=0.0, help="fraction of trades not sent (gaps)")
     p.add_argument("--duplicate-rate", type=float, default=0.0, help="fraction of trades sent twice")
     p.add_argument("--malformed-every", type=int, default=0, help="a hostile frame every N messages")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the trades generated from candles")
+    p.add_argument("--fault-seed", type=int, default=0, help="seed of the fault injection")
     return parser
 
 

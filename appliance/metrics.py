@@ -9,6 +9,9 @@ FEED_REJECTED = Counter(
     ["reason"],
 )
 FEED_CONNECTS = Counter("cryptopi_feed_connects_total", "WebSocket connections opened (first + reconnects)")
+FEED_DISCONNECTS = Counter(
+    "cryptopi_feed_disconnects_total", "WebSocket feed losses, by cause (closed, silent, error)", ["cause"]
+)
 FEED_CONNECTED = Gauge("cryptopi_feed_connected", "1 while the WebSocket feed is connected")
 TRADES_INGESTED = Counter(
     "cryptopi_trades_ingested_total", "Trades committed to candles, by product and path", ["product", "via"]

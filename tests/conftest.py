@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from appliance.candles import TRADE_GRANULARITIES, Candle, Trade, aggregate
 from appliance.coinbase.tape import load_tape
@@ -141,3 +142,23 @@ async def running() -> AsyncIterator[Callable[..., asyncio.Task[None]]]:
     for task in tasks:
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+class MetricDelta:
+    """How much each ``cryptopi_*`` sample has grown since construction (counters are process-wide)."""
+
+    def __init__(self) -> None:
+        self.before = self._snapshot()
+
+    @staticmethod
+    def _snapshot() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in REGISTRY.collect()
+            for s in family.samples
+            if s.name.startswith("cryptopi_")
+        }
+
+    def __call__(self, name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return self._snapshot().get(key, 0.0) - self.before.get(key, 0.0)

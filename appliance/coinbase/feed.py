@@ -27,7 +27,7 @@ from appliance.coinbase.messages import (
     SubscriptionsMessage,
     parse_feed_frame,
 )
-from appliance.metrics import FEED_CONNECTED, FEED_CONNECTS, FEED_MESSAGES, FEED_REJECTED
+from appliance.metrics import FEED_CONNECTED, FEED_CONNECTS, FEED_DISCONNECTS, FEED_MESSAGES, FEED_REJECTED
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class CoinbaseFeed:
     async def events(self) -> AsyncIterator[FeedEvent]:
         failures = 0
         while True:
-            reason = "closed"
+            reason, cause = "closed", "closed"
             try:
                 async with websockets.connect(
                     self.url,
@@ -114,15 +114,16 @@ class CoinbaseFeed:
                     async for event in self._receive(ws):
                         failures = 0
                         yield event
-                    reason = f"silent for {self.watchdog_s}s"
+                    reason, cause = f"silent for {self.watchdog_s}s", "silent"
             except ConnectionClosed as exc:
                 reason = self._closed_reason(exc)
             except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
-                reason = f"{type(exc).__name__}: {exc}"
+                reason, cause = f"{type(exc).__name__}: {exc}", "error"
             finally:
                 if self.connected:
                     self.connected = False
                     FEED_CONNECTED.set(0)
+            FEED_DISCONNECTS.labels(cause).inc()
             yield Disconnected(reason)
             failures += 1
             delay = random.uniform(0, min(self.reconnect_max_s, 0.25 * 2**failures))

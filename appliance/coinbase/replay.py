@@ -18,6 +18,7 @@ import json
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -45,7 +46,9 @@ from appliance.coinbase.tape import match_frame
 log = logging.getLogger(__name__)
 
 MAX_CANDLES = 300
-QUEUE_SIZE = 4096
+#: Frames a subscriber may fall behind: in real time, before it is dropped as too slow; at full
+#: speed, how far the market may run ahead of it (what a dropped connection loses to REST repair).
+QUEUE_SIZE_TIMED, QUEUE_SIZE_FULL_SPEED = 4096, 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +87,7 @@ class _Out(NamedTuple):
 class _Subscriber:
     ws: ServerConnection
     products: frozenset[str]
-    queue: asyncio.Queue[_Out] = field(default_factory=lambda: asyncio.Queue(QUEUE_SIZE))
+    queue: asyncio.Queue[_Out]
     last_seen: dict[str, Trade] = field(default_factory=dict)
 
 
@@ -122,6 +125,8 @@ class ReplayServer:
         self._server: Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.rest_requests = 0
+        self.injected: Counter[str] = Counter()  # faults actually injected, by kind
+        self._sent = 0
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -247,7 +252,8 @@ class ReplayServer:
             return
         except ConnectionClosed:
             return
-        sub = _Subscriber(ws, frozenset(products))
+        size = QUEUE_SIZE_TIMED if self.speed > 0 else QUEUE_SIZE_FULL_SPEED
+        sub = _Subscriber(ws, frozenset(products), asyncio.Queue(size))
         channels = [
             {"name": n, "product_ids": list(products), "account_ids": None} for n in ("matches", "heartbeat")
         ]
@@ -285,28 +291,31 @@ class ReplayServer:
         return list(dict.fromkeys(products))
 
     async def _send_loop(self, sub: _Subscriber) -> None:
+        """Send queued frames, injecting faults; counts are server-wide so reconnects don't reset them."""
         f = self.faults
-        rng = random.Random(f"{f.seed}:{id(sub)}")
-        hostile_kinds = 0
-        sent = 0
+        rng = random.Random(f"{f.seed}:{self.injected.total()}")
         while True:
             out = await sub.queue.get()
             if out.omittable and f.omit_rate and rng.random() < f.omit_rate:
+                self.injected["omitted"] += 1
                 continue
             await sub.ws.send(out.frame, text=out.text)
-            sent += 1
+            self._sent += 1
             if out.trade is not None:
                 sub.last_seen[out.product] = out.trade
                 if f.duplicate_rate and rng.random() < f.duplicate_rate:
+                    self.injected["duplicated"] += 1
                     await sub.ws.send(out.frame)
-            if f.malformed_every and sent % f.malformed_every == 0 and out.product in sub.last_seen:
-                frame = hostile.nth(hostile_kinds, sub.last_seen[out.product])
+            if f.malformed_every and self._sent % f.malformed_every == 0 and out.product in sub.last_seen:
+                frame = hostile.nth(self.injected["hostile"], sub.last_seen[out.product])
                 await sub.ws.send(frame.payload, text=frame.text)
-                hostile_kinds += 1
-            if f.drop_every and sent % f.drop_every == 0:
+                self.injected["hostile"] += 1
+            if f.drop_every and self._sent % f.drop_every == 0:
+                self.injected["dropped"] += 1
                 await sub.ws.close(1011, "replay fault: connection dropped")
                 return
-            if f.silence_every and sent % f.silence_every == 0:
+            if f.silence_every and self._sent % f.silence_every == 0:
+                self.injected["silenced"] += 1
                 await asyncio.sleep(f.silence_s)
 
     # -- REST -------------------------------------------------------------------------------------
@@ -404,6 +413,7 @@ class ReplayServer:
             "clock": format_time(self._clock_us()),
             "subscribers": len(self._subscribers),
             "rest_requests": self.rest_requests,
+            "injected": dict(self.injected),
             "products": {
                 name: {
                     "happened": p.happened,
