@@ -163,44 +163,47 @@ def main(argv: Sequence[str] | None = None) -> int:
         run(replay())
         return 0
 
-    from appliance.backfill import backfill, import_csv
+    from appliance.backfill import LoadResult, backfill, import_csv
     from appliance.coinbase.rest import CoinbaseRest
     from appliance.ingest import Ingester
     from appliance.store import Store
 
-    store = Store(settings.db_path)
-    rest = CoinbaseRest(
-        settings.coinbase_rest_url, rate_per_s=settings.rest_rate_per_s, timeout_s=settings.rest_timeout_s
-    )
+    def rest_client() -> CoinbaseRest:  # made inside the running loop, closed by ``async with``
+        return CoinbaseRest(
+            settings.coinbase_rest_url, rate_per_s=settings.rest_rate_per_s, timeout_s=settings.rest_timeout_s
+        )
+
+    async def ingest(store: Store) -> None:
+        async with rest_client() as rest:
+            await Ingester(settings, store, rest).run()
+
+    async def fill(store: Store) -> LoadResult:
+        end = args.end if args.end is not None else int(datetime.now(UTC).timestamp())
+        async with rest_client() as rest:
+            return await backfill(
+                store, rest, args.product, args.granularity, args.start, end, progress=sys.stderr.isatty()
+            )
+
+    result: LoadResult | None = None
     try:
-        if args.command == "ingest":
-            run(Ingester(settings, store, rest).run())
-        elif args.command == "backfill":
-            end = args.end if args.end is not None else int(datetime.now(UTC).timestamp())
-            result = run(
-                backfill(
-                    store, rest, args.product, args.granularity, args.start, end, progress=sys.stderr.isatty()
+        with Store(settings.db_path) as store:
+            if args.command == "ingest":
+                run(ingest(store))
+            elif args.command == "backfill":
+                result = run(fill(store))
+            elif args.command == "import-csv":
+                result = import_csv(
+                    store, args.file, args.product, args.granularity, progress=sys.stderr.isatty()
                 )
-            )
-            if result:
-                print(
-                    f"{result.rows} candles in {result.requests} requests: {result.inserted} new, "
-                    f"{result.changed} changed, {result.unchanged} unchanged"
-                )
-        elif args.command == "import-csv":
-            result = import_csv(
-                store, args.file, args.product, args.granularity, progress=sys.stderr.isatty()
-            )
-            print(
-                f"{result.rows} candles: {result.inserted} new, {result.changed} changed, "
-                f"{result.unchanged} unchanged"
-            )
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    finally:
-        asyncio.run(rest.aclose())
-        store.close()
+    if result is not None:
+        via = f" from {result.requests} requests" if result.requests else ""
+        print(
+            f"{result.rows} candles{via}: {result.inserted} new, {result.changed} changed, "
+            f"{result.unchanged} unchanged"
+        )
     return 0
 
 

@@ -84,7 +84,7 @@ def test_backfill_cli_with_progress_and_rejections(tmp_path: Path) -> None:
             [*args[:7], "120", *args[8:]], env=env, cwd=REPO, capture_output=True, text=True, timeout=60
         )
     assert ok.returncode == 0, ok.stderr
-    assert "168 candles in 1 requests: 168 new" in ok.stdout
+    assert "168 candles from 1 requests: 168 new" in ok.stdout
     assert "0 new, 0 changed, 168 unchanged" in again.stdout
     assert bad.returncode == 1
     assert "granularity 120 is not one Coinbase offers" in bad.stderr

@@ -109,9 +109,10 @@ def parse_feed_frame(
     try:
         return _FEED.validate_json(frame)
     except ValidationError as exc:
-        errors = exc.errors(include_url=False, include_input=False)
-        if errors and errors[0]["type"] == "union_tag_invalid":
-            return Rejected("unknown_type", str(errors[0].get("ctx", {}).get("tag", "?"))[:40])
+        first = exc.errors(include_url=False)[0]
+        tag = first["input"].get("type") if isinstance(first["input"], dict) else None
+        if first["type"] == "union_tag_invalid" and isinstance(tag, str):
+            return Rejected("unknown_type", tag[:40])
         return Rejected("malformed", _summarise(exc))
 
 

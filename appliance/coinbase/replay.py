@@ -265,12 +265,18 @@ class ReplayServer:
                 sub.queue.put_nowait(_Out(name, last, json.dumps(match_frame(last, "last_match")), False))
         self._subscribers.add(sub)
         self._has_subscribers.set()
+        # The sender waits on the queue, not the socket: watch the socket too, so a client that
+        # leaves (or a server that closes) ends the handler at once.
+        sender = asyncio.create_task(self._send_loop(sub))
+        closed = asyncio.create_task(ws.wait_closed())
         try:
-            await self._send_loop(sub)
-        except ConnectionClosed:
-            pass
+            await asyncio.wait({sender, closed}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             self._unsubscribe(sub)
+            sender.cancel()
+            closed.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+                await sender
 
     def _parse_subscribe(self, raw: str | bytes) -> list[str]:
         try:
