@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 from appliance.candles import MINUTE, TRADE_GRANULARITIES, Candle, Trade, bucket_start
 from appliance.coinbase.feed import CoinbaseFeed, Connected, Disconnected
@@ -91,6 +92,9 @@ class Ingester:
             self.cursors[product] = cursor
         self._last_commit = 0.0
         self._last_prune = 0.0
+        self._ingested = {
+            (p, via): TRADES_INGESTED.labels(p, via) for p in settings.products for via in ("feed", "rest")
+        }
 
     async def run(self) -> None:
         """Ingest until cancelled; whatever is pending is committed on the way out."""
@@ -175,13 +179,13 @@ class Ingester:
             },
         )
 
-    def _apply(self, c: ProductCursor, trade: Trade, via: str) -> None:
+    def _apply(self, c: ProductCursor, trade: Trade, via: Literal["feed", "rest"]) -> None:
         c.apply(trade)
-        TRADES_INGESTED.labels(c.product, via).inc()
+        self._ingested[c.product, via].inc()
 
     def _maybe_commit(self) -> None:
-        if any(c.minute_closed for c in self.cursors.values()) and (
-            time.monotonic() - self._last_commit >= MIN_COMMIT_GAP_S
+        if time.monotonic() - self._last_commit >= MIN_COMMIT_GAP_S and any(
+            c.minute_closed for c in self.cursors.values()
         ):
             self.commit()
 

@@ -48,6 +48,11 @@ class Disconnected:
 FeedEvent = MatchMessage | HeartbeatMessage | Connected | Disconnected
 
 
+def backoff_delay(failures: int, cap_s: float, base_s: float = 0.25) -> float:
+    """Exponential back-off with full jitter; bounded however long the outage lasts."""
+    return random.uniform(0, min(cap_s, base_s * 2 ** min(failures, 32)))
+
+
 class ThrottledLog:
     """At most one line per key and interval, saying how many were suppressed: floods stay readable."""
 
@@ -63,6 +68,32 @@ class ThrottledLog:
             return
         self._last[key] = (now, 0)
         self._log.warning(msg, extra={**fields, "suppressed": suppressed} if suppressed else fields)
+
+
+class Watchdog:
+    """Closes a connection on which the client has waited for a frame longer than ``timeout_s``.
+
+    It times only the waiting, not the consumer's work between frames: a long gap repair is never
+    mistaken for a silent feed. One task per connection, so receiving a frame costs two assignments.
+    """
+
+    def __init__(self, ws: ClientConnection, timeout_s: float) -> None:
+        self.waiting_since: float | None = None
+        self.fired = False
+        self._ws, self._timeout = ws, timeout_s
+        self._task = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self._timeout / 4)
+            since = self.waiting_since
+            if since is not None and time.monotonic() - since > self._timeout:
+                self.fired = True
+                await self._ws.close(1001, "feed silent")
+                return
+
+    def stop(self) -> None:
+        self._task.cancel()
 
 
 class CoinbaseFeed:
@@ -111,10 +142,15 @@ class CoinbaseFeed:
                     FEED_CONNECTED.set(1)
                     log.info("feed connected", extra={"url": self.url, "products": ",".join(self.products)})
                     yield Connected(self.url)
-                    async for event in self._receive(ws):
-                        failures = 0
-                        yield event
-                    reason, cause = f"silent for {self.watchdog_s}s", "silent"
+                    watchdog = Watchdog(ws, self.watchdog_s)
+                    try:
+                        async for event in self._receive(ws, watchdog):
+                            failures = 0
+                            yield event
+                    finally:
+                        watchdog.stop()
+                    if watchdog.fired:
+                        reason, cause = f"silent for {self.watchdog_s}s", "silent"
             except ConnectionClosed as exc:
                 reason = self._closed_reason(exc)
             except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
@@ -126,22 +162,30 @@ class CoinbaseFeed:
             FEED_DISCONNECTS.labels(cause).inc()
             yield Disconnected(reason)
             failures += 1
-            delay = random.uniform(0, min(self.reconnect_max_s, 0.25 * 2**failures))
+            delay = backoff_delay(failures, self.reconnect_max_s)
             log.warning("feed disconnected", extra={"reason": reason, "retry_in_s": round(delay, 2)})
             await asyncio.sleep(delay)
 
-    async def _receive(self, ws: ClientConnection) -> AsyncIterator[MatchMessage | HeartbeatMessage]:
+    async def _receive(
+        self, ws: ClientConnection, watchdog: Watchdog
+    ) -> AsyncIterator[MatchMessage | HeartbeatMessage]:
+        counted = {t: FEED_MESSAGES.labels(t) for t in ("match", "last_match", "heartbeat")}
+        products = self.products
         while True:
+            watchdog.waiting_since = time.monotonic()
             try:
-                frame = await asyncio.wait_for(ws.recv(), timeout=self.watchdog_s)
-            except TimeoutError:
-                return
+                frame = await ws.recv()
+            except ConnectionClosed:
+                if watchdog.fired:
+                    return
+                raise
+            watchdog.waiting_since = None
             msg = parse_feed_frame(frame)
             if isinstance(msg, MatchMessage | HeartbeatMessage):
-                if msg.product_id not in self.products:
+                if msg.product_id not in products:
                     self._reject("unknown_product", f"product {msg.product_id}")
                     continue
-                FEED_MESSAGES.labels(msg.type).inc()
+                counted[msg.type].inc()
                 self.last_message_at = time.time()
                 yield msg
             elif isinstance(msg, Rejected):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import random
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import httpx
 
 from appliance.candles import COINBASE_GRANULARITIES, Trade
+from appliance.coinbase.feed import backoff_delay
 from appliance.coinbase.messages import parse_trade_rows
 from appliance.metrics import REST_REQUESTS, REST_ROWS_REJECTED
 from appliance.store import CandleRow
@@ -110,8 +110,7 @@ class CoinbaseRest:
             REST_REQUESTS.labels(endpoint, outcome).inc()
             if attempt == self._max_attempts:
                 raise CoinbaseRestError(f"GET {path}: gave up after {attempt} attempts: {detail}")
-            backoff = min(self._max_backoff_s, 0.25 * 2**attempt) * (0.5 + random.random() / 2)
-            delay = max(backoff, retry_after or 0.0)
+            delay = max(backoff_delay(attempt, self._max_backoff_s), retry_after or 0.0)
             log.warning(
                 "coinbase rest retry",
                 extra={
