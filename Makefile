@@ -6,6 +6,8 @@ SHELL := /bin/bash
 UV := $(or $(shell command -v uv 2>/dev/null),$(HOME)/.local/bin/uv)
 export UV_PYTHON_DOWNLOADS := never
 export UV_PYTHON := python3.11
+# Trust the system certificate store (also what a TLS-inspecting proxy on the network needs).
+export UV_SYSTEM_CERTS := 1
 RUN := $(UV) run --locked --extra dev
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 DATASETS := appliance/datasets
