@@ -31,11 +31,11 @@ run: setup  ## run the appliance against the live Coinbase feed (CRYPTOPI_* sett
 
 demo: setup  ## offline: replay bundled real Coinbase candles and ingest them
 	@echo "replaying bundled BTC-USD/ETH-USD candles on 127.0.0.1:$(DEMO_PORT); Ctrl-C stops both"
-	@trap 'kill 0' EXIT INT TERM; \
-	$(RUN) python -m appliance replay --port $(DEMO_PORT) --speed 600 \
+	@$(RUN) python -m appliance replay --port $(DEMO_PORT) --speed 600 \
 		--candles BTC-USD=$(DATASETS)/coinbase_BTC-USD_1h.csv --candles ETH-USD=$(DATASETS)/coinbase_ETH-USD_1h.csv \
-		--from 2026-03-01 --start-at 2026-05-01 & \
-	sleep 3; \
+		--from 2026-03-01 --start-at 2026-05-01 & replay=$$!; \
+	trap 'kill $$replay 2>/dev/null' EXIT; \
+	until (exec 3<>/dev/tcp/127.0.0.1/$(DEMO_PORT)) 2>/dev/null; do sleep 0.2; done; \
 	CRYPTOPI_DATA_DIR=$${CRYPTOPI_DATA_DIR:-data/demo} \
 	CRYPTOPI_COINBASE_WS_URL=ws://127.0.0.1:$(DEMO_PORT) CRYPTOPI_COINBASE_REST_URL=http://127.0.0.1:$(DEMO_PORT) \
 		$(RUN) python -m appliance ingest

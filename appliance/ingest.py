@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-from appliance.candles import MINUTE, TRADE_GRANULARITIES, Candle, Trade, bucket_start
+from appliance.candles import MINUTE, TRADE_GRANULARITIES, Candle, Trade, bucket_start, format_time
 from appliance.coinbase.feed import CoinbaseFeed, Connected, Disconnected
 from appliance.coinbase.messages import HeartbeatMessage, MatchMessage
 from appliance.coinbase.rest import CoinbaseRest, CoinbaseRestError
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 #: Shortest spacing of minute-close commits during bursts (catch-up, replays).
 MIN_COMMIT_GAP_S = 0.05
 PRUNE_EVERY_S = 600.0
+REPORT_EVERY_S = 60.0
 
 
 @dataclass(slots=True)
@@ -92,6 +93,7 @@ class Ingester:
             self.cursors[product] = cursor
         self._last_commit = 0.0
         self._last_prune = 0.0
+        self._last_report = (time.monotonic(), {p: c.last_trade_id for p, c in self.cursors.items()})
         self._ingested = {
             (p, via): TRADES_INGESTED.labels(p, via) for p in settings.products for via in ("feed", "rest")
         }
@@ -216,8 +218,28 @@ class Ingester:
                 c.minute_closed for c in self.cursors.values()
             ):
                 self.commit()
+            if time.monotonic() - self._last_report[0] >= REPORT_EVERY_S:
+                self._report()
             if time.monotonic() - self._last_prune >= PRUNE_EVERY_S:
                 self._last_prune = time.monotonic()
                 removed = self.store.prune_trade_candles(MINUTE, retention_s)
                 if removed:
                     log.info("minute candles pruned", extra={"removed": removed})
+
+    def _report(self) -> None:
+        """One line per product a minute: is data flowing, and how fresh is it."""
+        then, ids = self._last_report
+        now = time.monotonic()
+        for p, c in self.cursors.items():
+            gained = (c.last_trade_id or 0) - (ids[p] or c.first_trade_id or 0)
+            log.info(
+                "ingest progress",
+                extra={
+                    "product": p,
+                    "connected": self.feed.connected,
+                    "last_trade_id": c.last_trade_id,
+                    "trades_per_min": round(gained * 60 / (now - then)),
+                    "newest_trade": format_time(c.last_time_us) if c.last_time_us else None,
+                },
+            )
+        self._last_report = (now, {p: c.last_trade_id for p, c in self.cursors.items()})

@@ -38,6 +38,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: The replay CLI's arguments that serve exactly the ``month_tape`` fixture.
+MONTH_TAPE_ARGS = ["--candles", f"BTC-USD={BTC_1H}", "--candles", f"ETH-USD={ETH_1H}",
+                   "--from", "2025-09-01", "--to", "2025-10-01"]  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def month_tape() -> list[Trade]:
     """Both products' real hourly candles for September 2025, as trades that rebuild them."""

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from appliance.store import Store
-from tests.conftest import BTC_1H, ETH_1H, REPO, assert_store_matches_tape, replay_process
+from tests.conftest import MONTH_TAPE_ARGS, REPO, assert_store_matches_tape, replay_process
 
 PRODUCTS = ("BTC-USD", "ETH-USD")
 KILLS = 12
@@ -43,14 +43,7 @@ def test_sigkill_at_random_moments_loses_and_doubles_nothing(tmp_path: Path, mon
     last_ids = {p: max(t.trade_id for t in month_tape if t.product == p) for p in PRODUCTS}
     # A month of market in about 25 s of real time, faults on, so the kills land mid-stream.
     args = [
-        "--candles",
-        f"BTC-USD={BTC_1H}",
-        "--candles",
-        f"ETH-USD={ETH_1H}",
-        "--from",
-        "2025-09-01",
-        "--to",
-        "2025-10-01",
+        *MONTH_TAPE_ARGS,
         "--speed",
         "100000",
         "--heartbeat-s",

@@ -9,9 +9,8 @@ from appliance.coinbase.rest import CoinbaseRest
 from appliance.ingest import Ingester
 from appliance.store import Store
 from tests.conftest import (
-    BTC_1H,
     CAPTURE,
-    ETH_1H,
+    MONTH_TAPE_ARGS,
     MetricDelta,
     assert_store_matches_tape,
     make_settings,
@@ -72,14 +71,7 @@ async def test_month_of_real_candles_through_every_fault(tmp_path: Path, month_t
     assert len(month_tape) >= 10_000
     grown = MetricDelta()
     args = [
-        "--candles",
-        f"BTC-USD={BTC_1H}",
-        "--candles",
-        f"ETH-USD={ETH_1H}",
-        "--from",
-        "2025-09-01",
-        "--to",
-        "2025-10-01",
+        *MONTH_TAPE_ARGS,
         "--speed",
         "0",
         *ALL_FAULTS,
