@@ -8,12 +8,13 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_PYTHON := python3.11
 # Trust the system certificate store (also what a TLS-inspecting proxy on the network needs).
 export UV_SYSTEM_CERTS := 1
-RUN := $(UV) run --locked --extra dev
+APP := $(UV) run --locked  # the appliance's lean runtime set: no TensorFlow, pandas or scikit-learn
+DEV := $(UV) run --locked --extra dev --extra training
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 DATASETS := appliance/datasets
 DEMO_PORT := 8765
 
-.PHONY: help setup run demo test lint fmt bench clean
+.PHONY: help setup run demo test lint fmt bench models clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -23,37 +24,43 @@ $(UV):
 	@python3 -m pip --version >/dev/null 2>&1 || $(SUDO) apt-get install -y python3-pip
 	python3 -m pip install --user --break-system-packages uv 2>/dev/null || python3 -m pip install --user uv
 
-setup: $(UV)  ## create .venv from the lock (runtime + dev tools)
-	$(UV) sync --locked --extra dev
+setup: $(UV)  ## create .venv from the lock: runtime, dev tools and the training stack
+	$(UV) sync --locked --extra dev --extra training
 
-run: setup  ## run the appliance against the live Coinbase feed (CRYPTOPI_* settings)
-	$(RUN) python -m appliance ingest
+run: $(UV)  ## run the appliance against the live Coinbase feed (CRYPTOPI_* settings)
+	$(APP) python -m appliance ingest
 
-demo: setup  ## offline: replay bundled real Coinbase candles and ingest them
+demo: $(UV)  ## offline: replay bundled real Coinbase candles and ingest them
 	@echo "replaying bundled BTC-USD/ETH-USD candles on 127.0.0.1:$(DEMO_PORT); Ctrl-C stops both"
-	@$(RUN) python -m appliance replay --port $(DEMO_PORT) --speed 600 \
+	@$(APP) python -m appliance replay --port $(DEMO_PORT) --speed 600 \
 		--candles BTC-USD=$(DATASETS)/coinbase_BTC-USD_1h.csv --candles ETH-USD=$(DATASETS)/coinbase_ETH-USD_1h.csv \
 		--from 2026-03-01 --start-at 2026-05-01 & replay=$$!; \
 	trap 'kill $$replay 2>/dev/null' EXIT; \
 	until (exec 3<>/dev/tcp/127.0.0.1/$(DEMO_PORT)) 2>/dev/null; do sleep 0.2; done; \
 	CRYPTOPI_DATA_DIR=$${CRYPTOPI_DATA_DIR:-data/demo} \
 	CRYPTOPI_COINBASE_WS_URL=ws://127.0.0.1:$(DEMO_PORT) CRYPTOPI_COINBASE_REST_URL=http://127.0.0.1:$(DEMO_PORT) \
-		$(RUN) python -m appliance ingest
+		$(APP) python -m appliance ingest
 
 lint: setup  ## ruff (lint + format check) and mypy --strict
-	$(RUN) ruff check .
-	$(RUN) ruff format --check .
-	$(RUN) mypy
+	$(DEV) ruff check .
+	$(DEV) ruff format --check .
+	$(DEV) mypy
 
 fmt: setup  ## apply ruff's fixes and formatting
-	$(RUN) ruff check --fix .
-	$(RUN) ruff format .
+	$(DEV) ruff check --fix .
+	$(DEV) ruff format .
 
 test: lint  ## the whole test suite (what CI runs)
-	$(RUN) pytest
+	$(DEV) pytest
 
 bench: setup  ## measure throughput and memory; JSON in bench-results/, summary on stdout
-	$(RUN) python -m tests.bench
+	$(DEV) python -m tests.bench
+
+models: setup  ## retrain the shipped BTC-USD and ETH-USD models from the bundled candles
+	for product in BTC-USD ETH-USD; do \
+		$(DEV) python -m training train --data $(DATASETS)/coinbase_$${product}_1h.csv --product $$product \
+			--out appliance/models || exit; \
+	done
 
 clean:  ## remove the virtualenv, caches and local data
 	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache bench-results data

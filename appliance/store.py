@@ -264,6 +264,16 @@ class Store:
         )
         return [CandleRow(*row) for row in self._db.execute(sql, (product, granularity, lo, hi))]
 
+    def series_rows(self, product: str, granularity: int) -> list[CandleRow]:
+        """The best candles of a product: imported history, then trade-built candles after it.
+
+        The newest trade-built bucket may still be open, so it is left out.
+        """
+        history = self.candles(product, granularity, source="history")
+        after = history[-1].start + granularity if history else None
+        built = self.candles(product, granularity, source="trades", start=after)
+        return history + built[:-1]
+
     def trade_candle_deltas(self, product: str, granularity: int) -> dict[int, Candle]:
         """Exact stored trade candles (integer volume), for comparisons against an oracle."""
         return {

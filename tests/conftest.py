@@ -18,7 +18,8 @@ import pytest
 from prometheus_client import REGISTRY
 
 from appliance.candles import TRADE_GRANULARITIES, Candle, Trade, aggregate
-from appliance.coinbase.tape import load_tape
+from appliance.coinbase.tape import load_tape, read_candle_csv
+from appliance.features import CandleSeries
 from appliance.settings import Settings
 from appliance.store import Store
 
@@ -167,3 +168,9 @@ class MetricDelta:
     def __call__(self, name: str, **labels: str) -> float:
         key = (name, tuple(sorted(labels.items())))
         return self._snapshot().get(key, 0.0) - self.before.get(key, 0.0)
+
+
+@pytest.fixture(scope="session")
+def btc_hourly() -> CandleSeries:
+    """All real BTC-USD hourly candles (2023-12-31 .. 2026-05-08, two real 5-hour holes)."""
+    return CandleSeries.from_rows(3600, [c.row() for c in read_candle_csv(BTC_1H)])

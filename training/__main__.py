@@ -1,0 +1,99 @@
+"""``python -m training``: train, evaluate and register the models (runs in CI, not on the Pi)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from appliance.__main__ import _time
+from appliance.logs import setup_logging
+
+EXIT_GATE_REFUSED = 3
+log = logging.getLogger("training")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("train", "train, evaluate, export to ONNX and register a new model version"),
+        ("evaluate", "hold-out and walk-forward evaluation only; writes nothing"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--data", type=Path, required=True, help="candle CSV or cryptopi SQLite file")
+        p.add_argument("--product", required=True)
+        p.add_argument("--granularity", type=int, default=3600)
+        p.add_argument(
+            "--holdout-start",
+            type=_time,
+            default="2025-11-01",
+            help="first candle of the hold-out (ISO-8601 or epoch); nothing after is used to fit",
+        )
+        p.add_argument("--epochs", type=int, default=60, help="most CNN epochs (early stopping decides)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--folds", type=int, default=3, help="walk-forward folds")
+        p.add_argument("--tiny", action="store_true", help="a small, fast CNN (for tests, not for use)")
+        if name == "train":
+            p.add_argument("--out", type=Path, default=Path("appliance/models"), help="registry folder")
+            p.add_argument(
+                "--gate-margin",
+                type=float,
+                default=0.02,
+                help="most a model's hold-out MAE may exceed persistence's (0.02 = 2%%)",
+            )
+            p.add_argument("--force", action="store_true", help="promote even if the gate refuses")
+        else:
+            p.add_argument("--json", type=Path, help="also write the scores here")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging("INFO")
+    from training.card import table
+    from training.models import CnnSettings
+    from training.pipeline import TrainConfig, fit_and_score, register
+
+    cnn = CnnSettings(epochs=args.epochs, seed=args.seed)
+    if args.tiny:
+        cnn = CnnSettings(epochs=min(args.epochs, 3), seed=args.seed, conv_filters=8, dense_units=8)
+    if not isinstance(args.holdout_start, int):
+        args.holdout_start = _time(args.holdout_start)
+    cfg = TrainConfig(
+        data=args.data,
+        product=args.product,
+        granularity=args.granularity,
+        holdout_start=args.holdout_start,
+        cnn=cnn,
+        walk_forward_folds=args.folds,
+        gate_margin=getattr(args, "gate_margin", 0.02),
+    )
+    try:
+        scored = fit_and_score(cfg)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"\n{args.product} hold-out\n{table(scored.holdout)}\n\nwalk-forward\n{table(scored.walk_forward)}\n"
+    )
+    if args.command == "evaluate":
+        if args.json:
+            args.json.write_text(
+                json.dumps({"holdout": scored.holdout, "walk_forward": scored.walk_forward}, indent=2) + "\n"
+            )
+        return 0
+    result = register(cfg, scored, args.out, force=args.force)
+    print(f"wrote {result.folder}")
+    if not result.promoted:
+        print(f"NOT promoted: {result.reason} (use --force to promote anyway)")
+        return EXIT_GATE_REFUSED
+    print(f"promoted: {args.product} latest -> {result.manifest.version} ({result.reason})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,75 @@
+"""Datasets from real candles: a candle CSV or the appliance's SQLite store, split by time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+
+from appliance.coinbase.tape import read_candle_csv
+from appliance.features import CandleSeries, feature_matrix
+from appliance.store import Store
+
+
+def load_candles(path: Path, product: str, granularity: int) -> CandleSeries:
+    """Candles from ``time,open,...`` CSV or from a cryptopi SQLite file (history, then trade candles)."""
+    if path.suffix == ".csv":
+        rows = [c.row() for c in read_candle_csv(path, granularity)]
+    else:
+        with Store(path, readonly=True) as store:
+            rows = store.series_rows(product, granularity)
+    if not rows:
+        raise ValueError(f"{path}: no {product} candles at {granularity}s")
+    return CandleSeries.from_rows(granularity, rows)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One row per candle t with complete features and a known next candle."""
+
+    granularity: int
+    start: NDArray[np.int64]  # open time of candle t
+    X: NDArray[np.float64]
+    close: NDArray[np.float64]  # close of t: what the prediction starts from
+    target: NDArray[np.float64]  # close of t+1
+
+    @property
+    def log_return(self) -> NDArray[np.float64]:
+        return np.asarray(np.log(self.target / self.close))
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+    def take(self, mask: NDArray[np.bool_]) -> Dataset:
+        return Dataset(self.granularity, self.start[mask], self.X[mask], self.close[mask], self.target[mask])
+
+    def split_at(self, when: int) -> tuple[Dataset, Dataset]:
+        """Rows whose *target* candle opens before ``when`` (training side), and the rest."""
+        before = self.start + self.granularity < when
+        return self.take(before), self.take(~before)
+
+    def tail_fraction(self, fraction: float) -> tuple[Dataset, Dataset]:
+        """Chronological split: the first (1 - fraction) of rows and the last ``fraction``."""
+        cut = round(len(self) * (1 - fraction))
+        index = np.arange(len(self))
+        return self.take(index < cut), self.take(index >= cut)
+
+
+def build_dataset(series: CandleSeries) -> Dataset:
+    X = feature_matrix(series)
+    g = series.granularity
+    # The next candle by timestamp (t + g), not the next row: a hole means no target.
+    nxt = np.searchsorted(series.start, series.start + g)
+    has_next = nxt < len(series)
+    has_next[has_next] &= series.start[nxt[has_next]] == series.start[has_next] + g
+    target = np.full(len(series), np.nan)
+    target[has_next] = series.close[nxt[has_next]]
+    keep = has_next & np.isfinite(X).all(axis=1)
+    return Dataset(g, series.start[keep], X[keep], series.close[keep], target[keep])
+
+
+def iso(epoch_s: int | np.integer) -> datetime:
+    return datetime.fromtimestamp(int(epoch_s), UTC)

@@ -1,0 +1,58 @@
+"""ONNX export of the trained models, each checked against its framework before it is kept."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from numpy.typing import NDArray
+
+from training.models import CnnModel, LassoModel, Predictor
+
+OPSET = 17
+PARITY_RTOL = 1e-4  # on the predicted price
+
+
+class ParityError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Exported:
+    path: Path
+    input_name: str
+    output_name: str
+    max_price_rel_error: float
+
+
+def export(model: Predictor, path: Path, X_check: NDArray[np.float64]) -> Exported:
+    """Write ``model`` as ONNX (raw float32 feature rows in, log return out) and verify parity."""
+    n = X_check.shape[1]
+    if isinstance(model, LassoModel):
+        from skl2onnx import to_onnx
+
+        onx = to_onnx(model.pipeline, X_check[:1].astype(np.float32), target_opset=OPSET)
+        path.write_bytes(onx.SerializeToString())
+    elif isinstance(model, CnnModel):
+        import tensorflow as tf
+        import tf2onnx
+
+        # tf2onnx 1.17 cannot read Keras 3 models (from_keras fails); a traced function works.
+        fn = tf.function(model.graph)
+        spec = (tf.TensorSpec((None, n), tf.float32, name="features"),)
+        tf2onnx.convert.from_function(fn, input_signature=spec, opset=OPSET, output_path=str(path))
+    else:
+        raise TypeError(f"no ONNX export for {type(model).__name__}")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    input_name, output_name = session.get_inputs()[0].name, session.get_outputs()[0].name
+    onnx_r = np.asarray(session.run([output_name], {input_name: X_check.astype(np.float32)})[0]).ravel()
+    framework_r = model.predict(X_check)
+    # The predicted price's relative difference, |p_onnx / p_framework - 1| (independent of the level).
+    error = float(np.max(np.abs(np.expm1(onnx_r.astype(np.float64) - framework_r))))
+    if error > PARITY_RTOL:
+        raise ParityError(
+            f"{path.name}: ONNX and {model.name} disagree by {error:.2e} on the price (> {PARITY_RTOL})"
+        )
+    return Exported(path, input_name, output_name, error)

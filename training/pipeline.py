@@ -1,0 +1,184 @@
+"""Train, evaluate, export and register: what ``python -m training train`` does, step by step."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from appliance.features import FEATURE_NAMES, SPEC_HASH, SPEC_NAME
+from appliance.registry import (
+    FeatureSpecRef,
+    IntervalCalibration,
+    Manifest,
+    ModelEntry,
+    TrainingData,
+    set_latest,
+    sha256_of,
+)
+from training.card import write_card
+from training.data import Dataset, build_dataset, iso, load_candles
+from training.evaluate import Metrics, calibrate, evaluate, walk_forward
+from training.export import export
+from training.models import CnnSettings, Persistence, Predictor, fit_cnn, fit_lasso
+
+log = logging.getLogger(__name__)
+HOLDOUT_START = int(datetime(2025, 11, 1, tzinfo=UTC).timestamp())
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: Path
+    product: str
+    granularity: int = 3600
+    holdout_start: int = HOLDOUT_START
+    cnn: CnnSettings = field(default_factory=CnnSettings)
+    calib_fraction: float = 0.15  # tail of the training period: interval calibration
+    val_fraction: float = 0.15  # tail of the rest: the CNN's early stopping
+    walk_forward_folds: int = 3
+    gate_margin: float = 0.02  # a model may be at most this much worse than persistence (MAE)
+
+
+@dataclass
+class Scored:
+    """Fitted models with their hold-out and walk-forward scores."""
+
+    models: dict[str, Predictor]
+    quantiles: dict[str, dict[str, float]]
+    holdout: dict[str, Metrics]
+    walk_forward: dict[str, Metrics]
+    train: Dataset
+    test: Dataset
+    seconds: dict[str, float]
+
+
+def fit_and_score(cfg: TrainConfig) -> Scored:
+    series = load_candles(cfg.data, cfg.product, cfg.granularity)
+    ds = build_dataset(series)
+    train, test = ds.split_at(cfg.holdout_start)
+    if len(train) < 200 or len(test) < 20:
+        raise ValueError(f"too little data: {len(train)} training rows, {len(test)} hold-out rows")
+    log.info(
+        "dataset",
+        extra={
+            "product": cfg.product,
+            "candles": len(series),
+            "rows_train": len(train),
+            "rows_holdout": len(test),
+            "first": iso(train.start[0]).isoformat(),
+            "holdout_from": iso(cfg.holdout_start).isoformat(),
+        },
+    )
+
+    def lasso(part: Dataset) -> Predictor:
+        return fit_lasso(part.X, part.log_return)
+
+    def cnn(part: Dataset) -> Predictor:
+        fit, val = part.tail_fraction(cfg.val_fraction)
+        return fit_cnn(fit.X, fit.log_return, val.X, val.log_return, cfg.cnn)
+
+    fitters = {"lasso": lasso, "cnn": cnn}
+    fit_part, calib_part = train.tail_fraction(cfg.calib_fraction)
+    models: dict[str, Predictor] = {"persistence": Persistence()}
+    seconds: dict[str, float] = {}
+    for name, fit in fitters.items():
+        started = time.monotonic()
+        log.info("fitting", extra={"model": name, "rows": len(fit_part)})
+        models[name] = fit(fit_part)
+        seconds[name] = time.monotonic() - started
+    quantiles = {name: calibrate(calib_part, m.predict(calib_part.X)) for name, m in models.items()}
+    holdout = {name: evaluate(test, m.predict(test.X), quantiles[name]) for name, m in models.items()}
+    started = time.monotonic()
+    log.info("walk-forward evaluation", extra={"folds": cfg.walk_forward_folds})
+    folds = walk_forward(train, fitters, cfg.walk_forward_folds, cfg.calib_fraction)
+    seconds["walk_forward"] = time.monotonic() - started
+    return Scored(models, quantiles, holdout, folds, train, test, seconds)
+
+
+def gate(holdout: dict[str, Metrics], margin: float) -> tuple[bool, str]:
+    """Promote only models whose hold-out MAE is within ``margin`` of persistence's (or better)."""
+    base = holdout["persistence"]["mae"]
+    assert base is not None
+    failures = [
+        f"{name} MAE {m['mae']:.2f} > persistence {base:.2f} x {1 + margin:.2f}"
+        for name, m in holdout.items()
+        if name != "persistence" and m["mae"] is not None and m["mae"] > base * (1 + margin)
+    ]
+    return (not failures, "; ".join(failures) or f"every model within {margin:.0%} of persistence's MAE")
+
+
+@dataclass(frozen=True)
+class Registered:
+    folder: Path
+    manifest: Manifest
+    promoted: bool
+    reason: str
+
+
+def register(cfg: TrainConfig, scored: Scored, out: Path, *, force: bool = False) -> Registered:
+    """Export, document and write a new version under ``out``; point ``latest`` at it if the gate passes."""
+    out.mkdir(parents=True, exist_ok=True)
+    passed, reason = gate(scored.holdout, cfg.gate_margin)
+    created = datetime.now(UTC).replace(microsecond=0)
+    # Built in a hidden folder and renamed into place: a version is complete or absent.
+    folder = Path(tempfile.mkdtemp(dir=out, prefix=".new-"))
+    try:
+        entries: dict[str, ModelEntry] = {}
+        for name, model in scored.models.items():
+            if name == "persistence":
+                continue
+            exported = export(model, folder / f"{name}.onnx", scored.test.X)
+            log.info(
+                "exported",
+                extra={
+                    "model": name,
+                    "file": exported.path.name,
+                    "parity": f"{exported.max_price_rel_error:.1e}",
+                },
+            )
+            params = dict(getattr(model, "params", {}))
+            entries[name] = ModelEntry(
+                file=exported.path.name,
+                framework="scikit-learn" if name == "lasso" else "keras",
+                input_name=exported.input_name,
+                output_name=exported.output_name,
+                intervals=IntervalCalibration(quantiles=scored.quantiles[name]),
+                metrics={"holdout": scored.holdout[name], "walk_forward": scored.walk_forward[name]},
+                params=params | {"fit_seconds": round(scored.seconds[name], 1)},
+            )
+        write_card(folder, cfg.product, scored)
+        files = {p.name: sha256_of(p) for p in sorted(folder.iterdir())}
+        digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:8]
+        version = f"{cfg.product}-{cfg.granularity}s-{created:%Y%m%dT%H%MZ}-{digest}".lower()
+        manifest = Manifest(
+            version=version, created_at=created, product=cfg.product, granularity=cfg.granularity,
+            feature_spec=FeatureSpecRef(name=SPEC_NAME, hash=SPEC_HASH, names=list(FEATURE_NAMES)),
+            models=entries,
+            baseline={"holdout": scored.holdout["persistence"],
+                      "walk_forward": scored.walk_forward["persistence"]},
+            training_data=TrainingData(
+                source=cfg.data.name, first_candle=iso(scored.train.start[0]),
+                last_candle=iso(scored.test.start[-1] + cfg.granularity),
+                holdout_start=iso(cfg.holdout_start),
+                rows_train=len(scored.train), rows_holdout=len(scored.test),
+            ),
+            gate={"margin": cfg.gate_margin, "passed": passed, "reason": reason,
+                  "forced": force and not passed},
+            files=files,
+        )  # fmt: skip
+        (folder / "manifest.json").write_text(manifest.model_dump_json(indent=2) + "\n")
+        final = out / version
+        folder.chmod(0o755)  # mkdtemp's 0700 would hide the models from a non-root appliance
+        folder.rename(final)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    if passed or force:
+        set_latest(out, cfg.product, version)
+    return Registered(final, manifest, passed or force, reason)
