@@ -9,25 +9,19 @@ import signal
 import sys
 from collections.abc import Coroutine, Sequence
 from datetime import UTC, datetime
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from appliance.candles import US, to_time_us
+from appliance.candles import US, parse_time
 
 log = logging.getLogger("appliance")
-DATASETS = Path(str(resources.files("appliance") / "datasets"))
 
 
-def _time(value: str) -> int:
-    """Epoch seconds from ISO-8601 (a date, or a date and time; UTC unless a zone is given) or epoch."""
-    if value.isdigit():
-        return int(value)
+def cli_time(value: str) -> int:
     try:
-        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an ISO-8601 time or epoch seconds") from None
-    return to_time_us(dt if dt.tzinfo else dt.replace(tzinfo=UTC)) // US
+        return parse_time(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _candles_spec(value: str) -> tuple[str, Path]:
@@ -57,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("backfill", help="load Coinbase REST candles into the store")
     p.add_argument("--product", required=True)
     p.add_argument("--granularity", type=int, default=3600)
-    p.add_argument("--start", type=_time, required=True, help="ISO-8601 or epoch seconds")
-    p.add_argument("--end", type=_time, help="ISO-8601 or epoch seconds (default: now)")
+    p.add_argument("--start", type=cli_time, required=True, help="ISO-8601 or epoch seconds")
+    p.add_argument("--end", type=cli_time, help="ISO-8601 or epoch seconds (default: now)")
 
     p = sub.add_parser("import-csv", help="load a time,open,high,low,close,volume candle CSV into the store")
     p.add_argument("file", type=Path)
@@ -75,9 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PRODUCT=FILE.csv",
         help="real candles, replayed as trades that rebuild them exactly",
     )
-    p.add_argument("--from", dest="start", type=_time, help="first tape time used")
-    p.add_argument("--to", dest="end", type=_time, help="tape time where the tape stops")
-    p.add_argument("--start-at", type=_time, help="market clock at start: earlier trades have happened")
+    p.add_argument("--from", dest="start", type=cli_time, help="first tape time used")
+    p.add_argument("--to", dest="end", type=cli_time, help="tape time where the tape stops")
+    p.add_argument("--start-at", type=cli_time, help="market clock at start: earlier trades have happened")
     p.add_argument("--trades-per-candle", type=_range, default=(4, 10), metavar="MIN,MAX")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8765)

@@ -138,6 +138,17 @@ def format_time(time_us: int) -> str:
     return datetime.fromtimestamp(secs, UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{us:06d}Z"
 
 
+def parse_time(text: str) -> int:
+    """Epoch seconds from epoch digits or ISO-8601 (a date, or date and time; UTC unless zoned)."""
+    if text.isdigit():
+        return int(text)
+    try:
+        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{text[:40]!r} is not an ISO-8601 time or epoch seconds") from None
+    return to_time_us(dt if dt.tzinfo else dt.replace(tzinfo=UTC)) // US
+
+
 def to_time_us(dt: datetime) -> int:
     """Exact epoch microseconds of an aware datetime (no float round trip)."""
     if dt.tzinfo is None:

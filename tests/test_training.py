@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -22,6 +23,7 @@ from appliance.store import Store
 from tests.conftest import BTC_1H, REPO
 from training.data import load_candles
 from training.evaluate import calibrate, evaluate
+from training.export import export
 from training.models import CnnSettings, fit_lasso
 from training.pipeline import Registered, Scored, TrainConfig, fit_and_score, register
 
@@ -47,6 +49,8 @@ def test_nothing_at_or_after_the_holdout_is_used_to_fit(scored: Scored) -> None:
     assert scored.test.start.min() + 3600 >= holdout
     assert set(scored.holdout) == set(scored.walk_forward) == {"persistence", "lasso", "cnn"}
     assert scored.holdout["persistence"]["skill_vs_persistence"] == 0
+    # Scaling intervals by recent volatility beats a constant width on unseen data (the real skill).
+    assert scored.holdout["persistence"]["interval_skill_80"] > 0.03  # type: ignore[operator]
     # Calibrated on the training period, the intervals hold roughly on the unseen hold-out.
     for name in scored.holdout:
         assert 0.7 < scored.holdout[name]["coverage_80"] < 0.9  # type: ignore[operator]
@@ -69,17 +73,34 @@ def test_registered_version_is_complete_and_verified(registry: tuple[Path, Regis
     assert "| persistence |" in (result.folder / "MODEL_CARD.md").read_text()
 
 
-def test_onnx_matches_the_frameworks_on_the_holdout(
-    scored: Scored, registry: tuple[Path, Registered]
-) -> None:
-    _, result = registry
+def onnx_prices(path: Path, scored: Scored) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: scored.test.X.astype(np.float32)}
+    r = np.asarray(session.run(None, feed)[0], dtype=np.float64).ravel()
+    return np.asarray(scored.test.close * np.exp(r))
+
+
+def test_onnx_export_matches_the_frameworks_on_the_holdout(scored: Scored, tmp_path: Path) -> None:
     for name in ("lasso", "cnn"):
-        entry = result.manifest.models[name]
-        session = ort.InferenceSession(str(result.folder / entry.file), providers=["CPUExecutionProvider"])
-        onnx_r = session.run([entry.output_name], {entry.input_name: scored.test.X.astype(np.float32)})[0]
-        onnx_price = scored.test.close * np.exp(np.asarray(onnx_r, dtype=np.float64).ravel())
-        framework_price = scored.test.close * np.exp(scored.models[name].predict(scored.test.X))
-        assert np.max(np.abs(onnx_price / framework_price - 1)) <= 1e-4, name
+        export(scored.models[name], tmp_path / f"{name}.onnx", scored.test.X)
+        framework = scored.test.close * np.exp(scored.models[name].predict(scored.test.X))
+        assert np.max(np.abs(onnx_prices(tmp_path / f"{name}.onnx", scored) / framework - 1)) <= 1e-4, name
+
+
+@pytest.mark.parametrize(("tolerance", "weights"), [(1.0, "int8-dynamic"), (-1.0, "fp32")])
+def test_int8_cnn_is_served_only_within_tolerance(
+    scored: Scored, tmp_path: Path, tolerance: float, weights: str
+) -> None:
+    result = register(replace(TINY, quant_tolerance=tolerance), scored, tmp_path)
+    entry = result.manifest.models["cnn"]
+    assert entry.params["weights"] == weights
+    # The manifest's hold-out MAE is that of the file actually served.
+    prices = onnx_prices(result.folder / entry.file, scored)
+    assert entry.metrics["holdout"]["mae"] == pytest.approx(
+        np.mean(np.abs(prices - scored.test.target)), rel=1e-9
+    )
+    ops = {node.op_type for node in onnx.load(result.folder / entry.file).graph.node}
+    assert ("DynamicQuantizeLinear" in ops) == (weights == "int8-dynamic")
 
 
 def test_registry_refuses_a_file_whose_sha256_does_not_match(registry, tmp_path: Path) -> None:
@@ -110,10 +131,10 @@ def test_gate_refuses_a_deliberately_bad_model(scored: Scored, tmp_path: Path) -
     # A real fitted pipeline whose every standardized feature then pushes the same way: confidently wrong.
     bad = fit_lasso(fit.X, fit.log_return)
     bad.pipeline[-1].coef_ = np.full_like(bad.pipeline[-1].coef_, 1e-3)
-    q = calibrate(calib, bad.predict(calib.X))
+    cal = calibrate(calib, bad.predict(calib.X))
     sabotaged = replace(
-        scored, models=scored.models | {"lasso": bad}, quantiles=scored.quantiles | {"lasso": q},
-        holdout=scored.holdout | {"lasso": evaluate(scored.test, bad.predict(scored.test.X), q)},
+        scored, models=scored.models | {"lasso": bad}, calibration=scored.calibration | {"lasso": cal},
+        holdout=scored.holdout | {"lasso": evaluate(scored.test, bad.predict(scored.test.X), cal)},
     )  # fmt: skip
     result = register(TINY, sabotaged, tmp_path)
     assert not result.promoted
@@ -166,3 +187,16 @@ def test_shipped_models_load_and_match_this_build() -> None:
         assert manifest is not None, f"no shipped model for {product}"
         assert manifest.training_data.holdout_start == datetime(2025, 11, 1, tzinfo=UTC)
         assert manifest.gate["passed"] is True
+
+
+def test_evaluate_cli_reports_without_writing_models(tmp_path: Path) -> None:
+    report = tmp_path / "scores.json"
+    args = [sys.executable, "-m", "training", "evaluate", "--data", str(BTC_1H), "--product", "BTC-USD",
+            "--tiny", "--folds", "2", "--json", str(report)]  # fmt: skip
+    out = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| persistence |" in out.stdout
+    scores = json.loads(report.read_text())
+    assert set(scores) == {"holdout", "walk_forward"}
+    assert scores["walk_forward"]["lasso"]["folds"] == 2
+    assert list(tmp_path.iterdir()) == [report]

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from appliance.__main__ import _time
+from appliance.__main__ import cli_time
 from appliance.logs import setup_logging
 
 EXIT_GATE_REFUSED = 3
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--granularity", type=int, default=3600)
         p.add_argument(
             "--holdout-start",
-            type=_time,
+            type=cli_time,
             default="2025-11-01",
             help="first candle of the hold-out (ISO-8601 or epoch); nothing after is used to fit",
         )
@@ -61,8 +61,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     cnn = CnnSettings(epochs=args.epochs, seed=args.seed)
     if args.tiny:
         cnn = CnnSettings(epochs=min(args.epochs, 3), seed=args.seed, conv_filters=8, dense_units=8)
-    if not isinstance(args.holdout_start, int):
-        args.holdout_start = _time(args.holdout_start)
     cfg = TrainConfig(
         data=args.data,
         product=args.product,

@@ -27,6 +27,7 @@ COLUMNS = [
     ("coverage_80", "80% coverage", "{:.1%}"),
     ("coverage_95", "95% coverage", "{:.1%}"),
     ("interval_score_80", "80% interval score", "{:,.1f}"),
+    ("interval_skill_80", "80% interval skill", "{:+.1%}"),
 ]
 
 
@@ -53,7 +54,7 @@ def write_card(folder: Path, product: str, s: Scored) -> None:
         ax.plot(
             times[recent], (test.close * np.exp(predictions[name]))[recent], color=colour, lw=0.9, label=name
         )
-    lo, hi = bounds(test, predictions["lasso"], s.quantiles["lasso"]["0.8"])
+    lo, hi = bounds(test, predictions["lasso"], s.calibration["lasso"].scaled["0.8"])
     ax.fill_between(
         times[recent], lo[recent], hi[recent], color="tab:blue", alpha=0.15, label="lasso 80% interval"
     )
@@ -91,6 +92,10 @@ def write_card(folder: Path, product: str, s: Scored) -> None:
     plt.close(fig)
 
     first, last = iso(test.start[0] + g), iso(test.start[-1] + 2 * g)
+    multipliers = ", ".join(
+        f"{name} {c.scaled['0.8']:.2f} (80 %) / {c.scaled['0.95']:.2f} (95 %)"
+        for name, c in s.calibration.items()
+    )
     (folder / "MODEL_CARD.md").write_text(f"""# {product} next-candle models
 
 Trained on real Coinbase {product} candles of {g} s. The training period runs from
@@ -117,7 +122,9 @@ only on what came before it. The figures are means over the blocks.
 Each interval is the predicted log return ± q * the realized volatility of the last 24 candles. q is
 the empirical quantile of |error| / volatility on the calibration rows: the last 15 % of the training
 period, after the rows the models were fitted on. Multipliers:
-{", ".join(f"{name} {q['0.8']:.2f} (80 %) / {q['0.95']:.2f} (95 %)" for name, q in s.quantiles.items())}.
+{multipliers}.
+"Interval skill" compares each model's interval score with that of a constant-width interval calibrated
+the same way: the share of the score that adapting to volatility saves.
 
 ## Plots
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
@@ -23,13 +24,27 @@ Floats = NDArray[np.float64]
 Metrics = dict[str, float | None]
 
 
-def calibrate(ds: Dataset, predicted: Floats) -> dict[str, float]:
-    """Multipliers of the volatility that cover each level on ``ds`` (finite-sample corrected)."""
-    z = np.sort(np.abs(ds.log_return - predicted) / realized_volatility(ds.X))
-    n = len(z)
+@dataclass(frozen=True)
+class Calibration:
+    """Interval multipliers per level: of the realized volatility (served) and, for comparison only,
+    of nothing (a constant-width interval in log-return terms)."""
+
+    scaled: dict[str, float]
+    fixed: dict[str, float]
+
+
+def calibrate(ds: Dataset, predicted: Floats) -> Calibration:
+    """Multipliers that cover each level on ``ds`` (split-conformal, finite-sample corrected)."""
+    error = np.abs(ds.log_return - predicted)
+    n = len(error)
     if n < 20:
         raise ValueError(f"{n} calibration rows are too few for intervals")
-    return {str(level): float(z[min(n - 1, math.ceil((n + 1) * level) - 1)]) for level in LEVELS}
+
+    def quantiles(z: Floats) -> dict[str, float]:
+        z = np.sort(z)
+        return {str(level): float(z[min(n - 1, math.ceil((n + 1) * level) - 1)]) for level in LEVELS}
+
+    return Calibration(quantiles(error / realized_volatility(ds.X)), quantiles(error))
 
 
 def bounds(ds: Dataset, predicted: Floats, multiplier: float) -> tuple[Floats, Floats]:
@@ -37,7 +52,7 @@ def bounds(ds: Dataset, predicted: Floats, multiplier: float) -> tuple[Floats, F
     return ds.close * np.exp(predicted - spread), ds.close * np.exp(predicted + spread)
 
 
-def evaluate(ds: Dataset, predicted: Floats, quantiles: dict[str, float]) -> Metrics:
+def evaluate(ds: Dataset, predicted: Floats, cal: Calibration) -> Metrics:
     """Price-space metrics of predicted log returns on ``ds``, beside persistence's MAE."""
     price = ds.close * np.exp(predicted)
     error = price - ds.target
@@ -57,16 +72,24 @@ def evaluate(ds: Dataset, predicted: Floats, quantiles: dict[str, float]) -> Met
             if np.any(predicted_move != 0) else None
         ),
     }  # fmt: skip
-    for level, multiplier in quantiles.items():
-        lo, hi = bounds(ds, predicted, multiplier)
-        alpha = 1 - float(level)
+    for level, multiplier in cal.scaled.items():
         tag = f"{round(float(level) * 100)}"
+        lo, hi = bounds(ds, predicted, multiplier)
         out[f"coverage_{tag}"] = float(np.mean((ds.target >= lo) & (ds.target <= hi)))
         out[f"width_{tag}"] = float(np.mean(hi - lo))
-        # Gneiting & Raftery's interval score: width plus 2/alpha times each miss. Lower is better.
-        miss = np.maximum(lo - ds.target, 0) + np.maximum(ds.target - hi, 0)
-        out[f"interval_score_{tag}"] = float(np.mean(hi - lo + 2 / alpha * miss))
+        out[f"interval_score_{tag}"] = _interval_score(ds.target, lo, hi, float(level))
+        # The same level with a constant width: how much adapting to volatility is worth.
+        spread = cal.fixed[level]
+        constant = _interval_score(ds.target, ds.close * np.exp(predicted - spread),
+                                   ds.close * np.exp(predicted + spread), float(level))  # fmt: skip
+        out[f"interval_skill_{tag}"] = 1 - out[f"interval_score_{tag}"] / constant  # type: ignore[operator]
     return out
+
+
+def _interval_score(y: Floats, lo: Floats, hi: Floats, level: float) -> float:
+    """Gneiting & Raftery's interval score: width plus 2/alpha times each miss. Lower is better."""
+    miss = np.maximum(lo - y, 0) + np.maximum(y - hi, 0)
+    return float(np.mean(hi - lo + 2 / (1 - level) * miss))
 
 
 FitFn = Callable[[Dataset], Predictor]
@@ -90,8 +113,8 @@ def walk_forward(
         models: dict[str, Predictor] = {"persistence": Persistence()}
         models |= {name: fit(fit_part) for name, fit in fitters.items()}
         for name, model in models.items():
-            quantiles = calibrate(calib_part, model.predict(calib_part.X))
-            scores[name].append(evaluate(test, model.predict(test.X), quantiles))
+            cal = calibrate(calib_part, model.predict(calib_part.X))
+            scores[name].append(evaluate(test, model.predict(test.X), cal))
     summary: dict[str, Metrics] = {}
     for name, runs in scores.items():
         summary[name] = {"folds": float(len(runs))}

@@ -56,3 +56,27 @@ def export(model: Predictor, path: Path, X_check: NDArray[np.float64]) -> Export
             f"{path.name}: ONNX and {model.name} disagree by {error:.2e} on the price (> {PARITY_RTOL})"
         )
     return Exported(path, input_name, output_name, error)
+
+
+@dataclass
+class OnnxPredictor:
+    """An exported graph used as a model, so what is evaluated is exactly what will be served."""
+
+    path: Path
+    name: str
+
+    def __post_init__(self) -> None:
+        self._session = ort.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
+        self._input, self._output = self._session.get_inputs()[0].name, self._session.get_outputs()[0].name
+
+    def predict(self, X: NDArray[np.float64]) -> NDArray[np.float64]:
+        out = self._session.run([self._output], {self._input: X.astype(np.float32)})[0]
+        return np.asarray(out, dtype=np.float64).ravel()
+
+
+def quantize_int8(fp32: Path, out: Path) -> Path:
+    """Dynamic int8 quantization of the weights (about 4x smaller, a little faster on a Pi)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8)
+    return out

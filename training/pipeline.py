@@ -8,7 +8,7 @@ import logging
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,8 +24,8 @@ from appliance.registry import (
 )
 from training.card import write_card
 from training.data import Dataset, build_dataset, iso, load_candles
-from training.evaluate import Metrics, calibrate, evaluate, walk_forward
-from training.export import export
+from training.evaluate import Calibration, Metrics, calibrate, evaluate, walk_forward
+from training.export import OnnxPredictor, export, quantize_int8
 from training.models import CnnSettings, Persistence, Predictor, fit_cnn, fit_lasso
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,8 @@ class TrainConfig:
     val_fraction: float = 0.15  # tail of the rest: the CNN's early stopping
     walk_forward_folds: int = 3
     gate_margin: float = 0.02  # a model may be at most this much worse than persistence (MAE)
+    quantize: bool = True  # serve the CNN as int8 weights ...
+    quant_tolerance: float = 0.001  # ... if its hold-out MAE is at most this much (relative) worse
 
 
 @dataclass
@@ -50,7 +52,7 @@ class Scored:
     """Fitted models with their hold-out and walk-forward scores."""
 
     models: dict[str, Predictor]
-    quantiles: dict[str, dict[str, float]]
+    calibration: dict[str, Calibration]
     holdout: dict[str, Metrics]
     walk_forward: dict[str, Metrics]
     train: Dataset
@@ -92,13 +94,13 @@ def fit_and_score(cfg: TrainConfig) -> Scored:
         log.info("fitting", extra={"model": name, "rows": len(fit_part)})
         models[name] = fit(fit_part)
         seconds[name] = time.monotonic() - started
-    quantiles = {name: calibrate(calib_part, m.predict(calib_part.X)) for name, m in models.items()}
-    holdout = {name: evaluate(test, m.predict(test.X), quantiles[name]) for name, m in models.items()}
+    calibration = {name: calibrate(calib_part, m.predict(calib_part.X)) for name, m in models.items()}
+    holdout = {name: evaluate(test, m.predict(test.X), calibration[name]) for name, m in models.items()}
     started = time.monotonic()
     log.info("walk-forward evaluation", extra={"folds": cfg.walk_forward_folds})
     folds = walk_forward(train, fitters, cfg.walk_forward_folds, cfg.calib_fraction)
     seconds["walk_forward"] = time.monotonic() - started
-    return Scored(models, quantiles, holdout, folds, train, test, seconds)
+    return Scored(models, calibration, holdout, folds, train, test, seconds)
 
 
 def gate(holdout: dict[str, Metrics], margin: float) -> tuple[bool, str]:
@@ -121,37 +123,62 @@ class Registered:
     reason: str
 
 
+def serve_quantized(cfg: TrainConfig, scored: Scored, fp32: Path) -> tuple[Scored, dict[str, float | str]]:
+    """Replace the CNN's file with its int8 version if that costs at most ``quant_tolerance`` of MAE.
+
+    The decision, and then the served model's intervals and metrics, come from the int8 graph itself.
+    """
+    int8 = OnnxPredictor(quantize_int8(fp32, fp32.with_name("cnn.int8.onnx")), "cnn")
+    _, calib = scored.train.tail_fraction(cfg.calib_fraction)
+    cal = calibrate(calib, int8.predict(calib.X))
+    holdout = evaluate(scored.test, int8.predict(scored.test.X), cal)
+    fp32_mae, int8_mae = scored.holdout["cnn"]["mae"], holdout["mae"]
+    assert fp32_mae is not None
+    assert int8_mae is not None
+    change = int8_mae / fp32_mae - 1
+    info: dict[str, float | str] = {"fp32_holdout_mae": fp32_mae, "int8_holdout_mae_change": change}
+    log.info(
+        "int8 quantization", extra={"mae_change": f"{change:+.4%}", "kept": change <= cfg.quant_tolerance}
+    )
+    if change > cfg.quant_tolerance:
+        int8.path.unlink()
+        return scored, info | {"weights": "fp32"}
+    int8.path.replace(fp32)  # served under the usual name; the session already holds the graph
+    int8.path = fp32
+    served = replace(
+        scored, models=scored.models | {"cnn": int8}, calibration=scored.calibration | {"cnn": cal},
+        holdout=scored.holdout | {"cnn": holdout},
+    )  # fmt: skip
+    return served, info | {"weights": "int8-dynamic"}
+
+
 def register(cfg: TrainConfig, scored: Scored, out: Path, *, force: bool = False) -> Registered:
     """Export, document and write a new version under ``out``; point ``latest`` at it if the gate passes."""
     out.mkdir(parents=True, exist_ok=True)
-    passed, reason = gate(scored.holdout, cfg.gate_margin)
     created = datetime.now(UTC).replace(microsecond=0)
     # Built in a hidden folder and renamed into place: a version is complete or absent.
     folder = Path(tempfile.mkdtemp(dir=out, prefix=".new-"))
     try:
-        entries: dict[str, ModelEntry] = {}
-        for name, model in scored.models.items():
-            if name == "persistence":
-                continue
-            exported = export(model, folder / f"{name}.onnx", scored.test.X)
-            log.info(
-                "exported",
-                extra={
-                    "model": name,
-                    "file": exported.path.name,
-                    "parity": f"{exported.max_price_rel_error:.1e}",
-                },
-            )
-            params = dict(getattr(model, "params", {}))
-            entries[name] = ModelEntry(
-                file=exported.path.name,
-                framework="scikit-learn" if name == "lasso" else "keras",
-                input_name=exported.input_name,
-                output_name=exported.output_name,
-                intervals=IntervalCalibration(quantiles=scored.quantiles[name]),
+        trained = {name: m for name, m in scored.models.items() if name != "persistence"}
+        params = {name: dict(getattr(m, "params", {})) | {"fit_seconds": round(scored.seconds[name], 1)}
+                  for name, m in trained.items()}  # fmt: skip
+        exports = {name: export(m, folder / f"{name}.onnx", scored.test.X) for name, m in trained.items()}
+        for name, exported in exports.items():
+            log.info("exported", extra={"model": name, "parity": f"{exported.max_price_rel_error:.1e}"})
+        if cfg.quantize:
+            scored, info = serve_quantized(cfg, scored, exports["cnn"].path)
+            params["cnn"] |= info
+        passed, reason = gate(scored.holdout, cfg.gate_margin)  # on what will be served
+        entries = {
+            name: ModelEntry(
+                file=exported.path.name, framework="scikit-learn" if name == "lasso" else "keras",
+                input_name=exported.input_name, output_name=exported.output_name,
+                intervals=IntervalCalibration(quantiles=scored.calibration[name].scaled),
                 metrics={"holdout": scored.holdout[name], "walk_forward": scored.walk_forward[name]},
-                params=params | {"fit_seconds": round(scored.seconds[name], 1)},
+                params=params[name],
             )
+            for name, exported in exports.items()
+        }  # fmt: skip
         write_card(folder, cfg.product, scored)
         files = {p.name: sha256_of(p) for p in sorted(folder.iterdir())}
         digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:8]

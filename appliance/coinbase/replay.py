@@ -21,7 +21,6 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from http import HTTPStatus
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs, urlsplit
@@ -38,7 +37,7 @@ from appliance.candles import (
     aggregate,
     format_price,
     format_time,
-    to_time_us,
+    parse_time,
 )
 from appliance.coinbase import hostile
 from appliance.coinbase.tape import match_frame
@@ -393,8 +392,8 @@ class ReplayServer:
         if g not in COINBASE_GRANULARITIES:
             raise ValueError("Unsupported granularity")
         now_s = self._clock_us() // US
-        end = _time(query["end"]) if "end" in query else now_s
-        start = _time(query["start"]) if "start" in query else end - (MAX_CANDLES - 1) * g
+        end = parse_time(query["end"]) if "end" in query else now_s
+        start = parse_time(query["start"]) if "start" in query else end - (MAX_CANDLES - 1) * g
         if end < start:
             raise ValueError("start must be before end")
         if (end - start) // g + 1 > MAX_CANDLES:
@@ -436,17 +435,6 @@ def _int(value: str, name: str) -> int:
         return int(value)
     except ValueError:
         raise ValueError(f"{name} must be an integer") from None
-
-
-def _time(value: str) -> int:
-    try:
-        return (
-            int(value)
-            if value.isdigit()
-            else to_time_us(datetime.fromisoformat(value.replace("Z", "+00:00"))) // US
-        )
-    except ValueError:
-        raise ValueError(f"invalid time {value!r}") from None
 
 
 def _json(status: int, body: object, headers: dict[str, str] | None = None) -> Response:

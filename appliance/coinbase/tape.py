@@ -11,7 +11,6 @@ import csv
 import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 from itertools import pairwise
 from pathlib import Path
@@ -24,7 +23,7 @@ from appliance.candles import (
     format_price,
     format_time,
     parse_size_e8,
-    to_time_us,
+    parse_time,
 )
 from appliance.coinbase.messages import MatchMessage, parse_feed_frame
 from appliance.store import CandleRow
@@ -66,7 +65,7 @@ def read_candle_csv(path: Path, granularity: int | None = None) -> Iterator[CsvC
         previous = None
         for line, rec in enumerate(reader, start=2):
             try:
-                start = to_time_us(datetime.fromisoformat(rec["time"].replace("Z", "+00:00"))) // US
+                start = parse_time(rec["time"])
                 o, h, lo, c = (Decimal(rec[k]) for k in ("open", "high", "low", "close"))
                 v = Decimal(rec["volume"])
                 if not all(x.is_finite() for x in (o, h, lo, c, v)):
