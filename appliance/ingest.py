@@ -44,6 +44,7 @@ class ProductCursor:
 
     product: str
     first_trade_id: int | None = None
+    first_time_us: int | None = None  # set when this process started coverage (None when resumed)
     last_trade_id: int | None = None
     last_time_us: int = 0
     pending: dict[tuple[int, int], Candle] = field(default_factory=dict)
@@ -53,6 +54,7 @@ class ProductCursor:
     def apply(self, trade: Trade) -> None:
         if self.first_trade_id is None:
             self.first_trade_id = trade.trade_id
+            self.first_time_us = trade.time_us
         elif self.last_time_us and bucket_start(trade.time_us, MINUTE) > bucket_start(
             self.last_time_us, MINUTE
         ):
@@ -203,6 +205,7 @@ class Ingester:
                 first_trade_id=c.first_trade_id,
                 last_trade_id=c.last_trade_id,
                 last_trade_time_us=c.last_time_us,
+                first_trade_time_us=c.first_time_us,
             )
             LAST_TRADE_TIME.labels(c.product).set(c.last_time_us / 1e6)
             c.pending = {}

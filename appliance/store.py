@@ -14,11 +14,11 @@ import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Literal
 
-from appliance.candles import SIZE_SCALE, Candle
+from appliance.candles import SIZE_SCALE, US, Candle, bucket_start
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,26 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at REAL NOT NULL
     );
     """,
+    # 2: when ingest coverage began (which trade-built candles are complete), and every prediction.
+    """
+    ALTER TABLE ingest_state ADD COLUMN first_trade_time_us INTEGER;
+    CREATE TABLE predictions (
+        product TEXT NOT NULL,
+        model TEXT NOT NULL,
+        as_of INTEGER NOT NULL,
+        model_version TEXT NOT NULL,
+        granularity INTEGER NOT NULL,
+        target_time INTEGER NOT NULL,
+        last_close REAL NOT NULL,
+        predicted_close REAL NOT NULL,
+        lower_80 REAL NOT NULL, upper_80 REAL NOT NULL,
+        lower_95 REAL NOT NULL, upper_95 REAL NOT NULL,
+        created_at REAL NOT NULL,
+        realized_close REAL,
+        PRIMARY KEY (product, model, as_of)
+    ) WITHOUT ROWID;
+    CREATE INDEX predictions_unrealized ON predictions (product, target_time) WHERE realized_close IS NULL;
+    """,
 )
 
 CandleSource = Literal["trades", "history"]
@@ -73,6 +93,27 @@ class IngestState:
     first_trade_id: int
     last_trade_id: int
     last_trade_time_us: int
+    first_trade_time_us: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PredictionRow:
+    """One model's prediction of the close of the candle after ``as_of`` (all times epoch seconds)."""
+
+    product: str
+    model: str
+    as_of: int  # close time of the candle the prediction starts from
+    model_version: str
+    granularity: int
+    target_time: int  # close time of the predicted candle
+    last_close: float
+    predicted_close: float
+    lower_80: float
+    upper_80: float
+    lower_95: float
+    upper_95: float
+    created_at: float
+    realized_close: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +189,7 @@ class Store:
         first_trade_id: int,
         last_trade_id: int,
         last_trade_time_us: int,
+        first_trade_time_us: int | None = None,
     ) -> None:
         """Merge candle deltas (keyed by granularity, start) and advance the cursor, atomically."""
         with self._transaction() as db:
@@ -166,16 +208,24 @@ class Store:
             )
             db.execute(
                 """
-                INSERT INTO ingest_state VALUES (?, ?, ?, ?, ?)
+                INSERT INTO ingest_state VALUES (?, ?, ?, ?, ?, ?)
                 ON CONFLICT (product) DO UPDATE SET last_trade_id = excluded.last_trade_id,
                     last_trade_time_us = excluded.last_trade_time_us, updated_at = excluded.updated_at
                 """,
-                (product, first_trade_id, last_trade_id, last_trade_time_us, time.time()),
+                (
+                    product,
+                    first_trade_id,
+                    last_trade_id,
+                    last_trade_time_us,
+                    time.time(),
+                    first_trade_time_us,
+                ),
             )
 
     def ingest_state(self, product: str) -> IngestState | None:
         row = self._db.execute(
-            "SELECT product, first_trade_id, last_trade_id, last_trade_time_us FROM ingest_state"
+            "SELECT product, first_trade_id, last_trade_id, last_trade_time_us, first_trade_time_us"
+            " FROM ingest_state"
             " WHERE product = ?",
             (product,),
         ).fetchone()
@@ -265,14 +315,80 @@ class Store:
         return [CandleRow(*row) for row in self._db.execute(sql, (product, granularity, lo, hi))]
 
     def series_rows(self, product: str, granularity: int) -> list[CandleRow]:
-        """The best candles of a product: imported history, then trade-built candles after it.
+        """The best closed candles of a product, oldest first.
 
-        The newest trade-built bucket may still be open, so it is left out.
+        Trade-built candles are exact but complete only from the first bucket that ingest covered
+        whole; before that, imported history stands in. The bucket of the newest trade may still be
+        open, so it is left out.
         """
+        state = self.ingest_state(product)
         history = self.candles(product, granularity, source="history")
-        after = history[-1].start + granularity if history else None
-        built = self.candles(product, granularity, source="trades", start=after)
-        return history + built[:-1]
+        if state is None:
+            return history
+        if state.first_trade_time_us is not None:
+            first_us = state.first_trade_time_us
+            covered_from = -(-first_us // (granularity * US)) * granularity  # first whole bucket
+        else:  # ingested before coverage was recorded: trust trade candles only after the history
+            covered_from = history[-1].start + granularity if history else 2**62
+        open_bucket = bucket_start(state.last_trade_time_us, granularity)
+        built = [r for r in self.candles(product, granularity, source="trades", start=covered_from)
+                 if r.start != open_bucket]  # fmt: skip
+        cut = built[0].start if built else open_bucket
+        return [r for r in history if r.start < cut] + built
+
+    # -- predictions ------------------------------------------------------------------------------
+
+    def save_predictions(self, rows: Iterable[PredictionRow]) -> int:
+        """Store new predictions; one already made for the same product, model and candle is kept."""
+        with self._transaction() as db:
+            cur = db.executemany(
+                "INSERT OR IGNORE INTO predictions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [astuple(r) for r in rows],
+            )
+        return cur.rowcount
+
+    def predictions(
+        self,
+        product: str,
+        *,
+        model: str | None = None,
+        since: int | None = None,
+        at: int | None = None,
+        limit: int | None = None,
+    ) -> list[PredictionRow]:
+        """Predictions newest first: of one model or all, with ``since <= as_of <= at``."""
+        sql = "SELECT * FROM predictions WHERE product = ? AND as_of >= ? AND as_of <= ?"
+        args: list[object] = [product, since if since is not None else 0, at if at is not None else 2**62]
+        if model is not None:
+            sql += " AND model = ?"
+            args.append(model)
+        sql += " ORDER BY as_of DESC, model"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return [PredictionRow(*row) for row in self._db.execute(sql, args)]
+
+    def latest_predictions(self, product: str) -> list[PredictionRow]:
+        """The newest prediction of every model of a product."""
+        rows = self._db.execute(
+            """
+            SELECT p.* FROM predictions AS p JOIN (
+                SELECT model, max(as_of) AS as_of FROM predictions WHERE product = ? GROUP BY model
+            ) AS newest USING (model, as_of) WHERE p.product = ? ORDER BY p.model
+            """,
+            (product, product),
+        )
+        return [PredictionRow(*row) for row in rows]
+
+    def realize(self, product: str, granularity: int, closes: Mapping[int, float]) -> int:
+        """Record the realized close of predicted candles (keyed by candle start) that have closed."""
+        with self._transaction() as db:
+            cur = db.executemany(
+                "UPDATE predictions SET realized_close = ? WHERE product = ? AND target_time = ?"
+                " AND realized_close IS NULL",
+                [(close, product, start + granularity) for start, close in closes.items()],
+            )
+        return cur.rowcount
 
     def trade_candle_deltas(self, product: str, granularity: int) -> dict[int, Candle]:
         """Exact stored trade candles (integer volume), for comparisons against an oracle."""

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from appliance.candles import Candle
-from appliance.store import MIGRATIONS, CandleRow, IngestState, Store
+from appliance.store import MIGRATIONS, CandleRow, IngestState, PredictionRow, Store
 
 
 def test_fresh_database_is_migrated_and_in_wal(tmp_path: Path) -> None:
@@ -123,3 +123,42 @@ def test_readers_are_not_blocked_by_an_open_write(tmp_path: Path) -> None:
         reader.join(2)
         raw.execute("ROLLBACK")
         assert [s.last_trade_id if s else None for s in seen] == [1]
+
+
+def test_series_uses_trade_candles_only_from_the_first_whole_bucket(tmp_path: Path) -> None:
+    """Ingest that began mid-hour built a partial candle for that hour: history stands in for it."""
+    h, us = 3600, 1_000_000
+    with Store(tmp_path / "db.sqlite3") as store:
+        store.upsert_history(
+            "BTC-USD", h, [CandleRow(s * h, 10.0, 11.0, 9.0, 10.0, 5.0) for s in range(5)], "rest"
+        )
+        trade_buckets = {(h, s * h): Candle(20.0, 21.0, 19.0, 20.0, 100, 3) for s in (2, 3, 4, 5)}
+        store.commit_trades(
+            "BTC-USD",
+            trade_buckets,
+            first_trade_id=1,
+            last_trade_id=12,
+            last_trade_time_us=5 * h * us + 10,
+            first_trade_time_us=2 * h * us + 1800 * us,
+        )
+        rows = store.series_rows("BTC-USD", h)
+    # Hour 2 began before ingest did (history's), 3-4 are whole (trades'), 5 may be open (left out).
+    assert [(r.start // h, r.close) for r in rows] == [(0, 10.0), (1, 10.0), (2, 10.0), (3, 20.0), (4, 20.0)]
+
+
+def test_predictions_are_kept_once_and_realized_later(tmp_path: Path) -> None:
+    def row(model: str, as_of: int, predicted: float) -> PredictionRow:
+        return PredictionRow("BTC-USD", model, as_of, "v1", 3600, as_of + 3600, 100.0, predicted,
+                             99.0, 101.0, 98.0, 102.0, 0.0)  # fmt: skip
+
+    with Store(tmp_path / "db.sqlite3") as store:
+        assert store.save_predictions([row("lasso", 7200, 100.5), row("cnn", 7200, 99.5)]) == 2
+        assert store.save_predictions([row("lasso", 7200, 555.0)]) == 0  # never rewritten
+        store.save_predictions([row("lasso", 10800, 101.0)])
+        assert [(p.model, p.as_of) for p in store.latest_predictions("BTC-USD")] == [
+            ("cnn", 7200),
+            ("lasso", 10800),
+        ]
+        assert store.realize("BTC-USD", 3600, {7200: 100.7}) == 2  # the candle 7200..10800 closed at 100.7
+        realized = store.predictions("BTC-USD", model="lasso", at=7200)
+        assert [(p.predicted_close, p.realized_close) for p in realized] == [(100.5, 100.7)]
