@@ -27,19 +27,19 @@ $(UV):
 setup: $(UV)  ## create .venv from the lock: runtime, dev tools and the training stack
 	$(UV) sync --locked --extra dev --extra training
 
-run: $(UV)  ## run the appliance against the live Coinbase feed (CRYPTOPI_* settings)
-	$(APP) python -m appliance ingest
+run: $(UV)  ## run the appliance against the live Coinbase feed: API on :8000 (CRYPTOPI_* settings)
+	$(APP) python -m appliance up
 
-demo: $(UV)  ## offline: replay bundled real Coinbase candles and ingest them
+demo: $(UV)  ## offline: replay bundled real Coinbase candles into the appliance (API on :8000)
 	@echo "replaying bundled BTC-USD/ETH-USD candles on 127.0.0.1:$(DEMO_PORT); Ctrl-C stops both"
 	@$(APP) python -m appliance replay --port $(DEMO_PORT) --speed 600 \
 		--candles BTC-USD=$(DATASETS)/coinbase_BTC-USD_1h.csv --candles ETH-USD=$(DATASETS)/coinbase_ETH-USD_1h.csv \
-		--from 2026-03-01 --start-at 2026-05-01 & replay=$$!; \
+		--from 2026-03-01 --start-at 2026-04-20 & replay=$$!; \
 	trap 'kill $$replay 2>/dev/null' EXIT; \
 	until (exec 3<>/dev/tcp/127.0.0.1/$(DEMO_PORT)) 2>/dev/null; do sleep 0.2; done; \
 	CRYPTOPI_DATA_DIR=$${CRYPTOPI_DATA_DIR:-data/demo} \
 	CRYPTOPI_COINBASE_WS_URL=ws://127.0.0.1:$(DEMO_PORT) CRYPTOPI_COINBASE_REST_URL=http://127.0.0.1:$(DEMO_PORT) \
-		$(APP) python -m appliance ingest
+		$(APP) python -m appliance up
 
 lint: setup  ## ruff (lint + format check) and mypy --strict
 	$(DEV) ruff check .

@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m appliance", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    sub.add_parser("up", help="the appliance: ingest, predictions and the HTTP API (CRYPTOPI_* settings)")
     sub.add_parser("ingest", help="ingest live Coinbase trades into the store (CRYPTOPI_* settings)")
 
     p = sub.add_parser("backfill", help="load Coinbase REST candles into the store")
@@ -113,6 +114,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     settings = load_settings()
     setup_logging(settings.log_level, settings.log_format)
+
+    if args.command == "up":
+        from appliance.runtime import up
+
+        run(up(settings))
+        return 0
 
     if args.command == "replay":
         from appliance.coinbase.replay import Faults, ReplayServer, serve_forever

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -73,7 +74,12 @@ class ProductCursor:
 
 class Ingester:
     def __init__(
-        self, settings: Settings, store: Store, rest: CoinbaseRest, feed: CoinbaseFeed | None = None
+        self,
+        settings: Settings,
+        store: Store,
+        rest: CoinbaseRest,
+        feed: CoinbaseFeed | None = None,
+        on_commit: Callable[[], None] | None = None,
     ):
         self.settings = settings
         self.store = store
@@ -84,6 +90,7 @@ class Ingester:
             watchdog_s=settings.feed_watchdog_s,
             reconnect_max_s=settings.reconnect_max_s,
         )
+        self.on_commit = on_commit  # told after each commit (e.g. to look for a closed candle)
         self.cursors: dict[str, ProductCursor] = {}
         for product in settings.products:
             state = store.ingest_state(product)
@@ -194,6 +201,7 @@ class Ingester:
             self.commit()
 
     def commit(self) -> None:
+        committed = False
         for c in self.cursors.values():
             if not c.pending:
                 continue
@@ -211,7 +219,10 @@ class Ingester:
             c.pending = {}
             c.pending_trades = 0
             c.minute_closed = False
+            committed = True
         self._last_commit = time.monotonic()
+        if committed and self.on_commit:
+            self.on_commit()
 
     async def _flush_periodically(self) -> None:
         retention_s = self.settings.minute_retention_days * 86_400

@@ -12,6 +12,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from appliance.coinbase.messages import PRODUCT_PATTERN
 
+MODELS_DIR = Path(__file__).parent / "models"
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CRYPTOPI_", extra="ignore", frozen=True)
@@ -28,6 +30,10 @@ class Settings(BaseSettings):
     rest_rate_per_s: float = Field(10.0, gt=0, le=10, description="Coinbase's public limit is 10/s")
     rest_timeout_s: float = Field(10.0, gt=0)
     commit_interval_s: float = Field(1.0, gt=0, description="Longest time trades wait uncommitted")
+    http_host: str = Field("0.0.0.0", description="Address the API and dashboard listen on")
+    http_port: int = Field(8000, ge=1, le=65535)
+    models_dir: Path = Field(MODELS_DIR, description="Model registry (default: the models shipped inside)")
+    history_days: int = Field(3, ge=2, le=300, description="Hourly history back-filled on first start")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["logfmt", "json"] = "logfmt"
 

@@ -314,27 +314,38 @@ class Store:
         )
         return [CandleRow(*row) for row in self._db.execute(sql, (product, granularity, lo, hi))]
 
-    def series_rows(self, product: str, granularity: int) -> list[CandleRow]:
-        """The best closed candles of a product, oldest first.
+    def series_rows(self, product: str, granularity: int, *, last: int | None = None) -> list[CandleRow]:
+        """The best closed candles of a product, oldest first (only the newest ``last`` if given).
 
         Trade-built candles are exact but complete only from the first bucket that ingest covered
         whole; before that, imported history stands in. The bucket of the newest trade may still be
         open, so it is left out.
         """
         state = self.ingest_state(product)
-        history = self.candles(product, granularity, source="history")
+        newest = self._db.execute(
+            "SELECT max(start) FROM history_candles WHERE product = ? AND granularity = ?",
+            (product, granularity),
+        ).fetchone()[0]
+        if state is not None:
+            newest = max(newest or 0, bucket_start(state.last_trade_time_us, granularity))
+        if newest is None:
+            return []
+        since = newest - (last + 1) * granularity if last is not None else None
+        history = self.candles(product, granularity, source="history", start=since)
         if state is None:
-            return history
+            return history[-last:] if last else history
         if state.first_trade_time_us is not None:
             first_us = state.first_trade_time_us
             covered_from = -(-first_us // (granularity * US)) * granularity  # first whole bucket
         else:  # ingested before coverage was recorded: trust trade candles only after the history
             covered_from = history[-1].start + granularity if history else 2**62
         open_bucket = bucket_start(state.last_trade_time_us, granularity)
-        built = [r for r in self.candles(product, granularity, source="trades", start=covered_from)
+        first = covered_from if since is None else max(covered_from, since)
+        built = [r for r in self.candles(product, granularity, source="trades", start=first)
                  if r.start != open_bucket]  # fmt: skip
         cut = built[0].start if built else open_bucket
-        return [r for r in history if r.start < cut] + built
+        rows = [r for r in history if r.start < cut] + built
+        return rows[-last:] if last else rows
 
     # -- predictions ------------------------------------------------------------------------------
 

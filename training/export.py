@@ -70,7 +70,10 @@ class OnnxPredictor:
         self._input, self._output = self._session.get_inputs()[0].name, self._session.get_outputs()[0].name
 
     def predict(self, X: NDArray[np.float64]) -> NDArray[np.float64]:
-        out = self._session.run([self._output], {self._input: X.astype(np.float32)})[0]
+        """One row at a time, as the appliance runs it: a dynamically quantized graph scales its
+        activations per call, so a batch would score a model that is never served."""
+        rows = X.astype(np.float32)
+        out = [self._session.run([self._output], {self._input: rows[i : i + 1]})[0] for i in range(len(rows))]
         return np.asarray(out, dtype=np.float64).ravel()
 
 

@@ -1,0 +1,1 @@
+"""The appliance's HTTP API (FastAPI; OpenAPI at /docs)."""

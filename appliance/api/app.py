@@ -1,0 +1,164 @@
+"""Routes. The state they read is injected (``AppState``), so tests build it from real parts."""
+
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, Histogram, generate_latest
+
+from appliance import __version__
+from appliance.api.schemas import CandleOut, ErrorOut, Health, Interval, PredictionResult, ProductHealth
+from appliance.candles import COINBASE_GRANULARITIES, parse_time
+from appliance.coinbase.messages import PRODUCT_PATTERN
+from appliance.inference import Inference
+from appliance.ingest import Ingester
+from appliance.predictor import Predictor
+from appliance.settings import Settings
+from appliance.store import PredictionRow, Store
+
+LATENCY = Histogram(
+    "cryptopi_http_request_seconds", "HTTP request latency by route", ["route"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)  # fmt: skip
+MAX_CANDLES = 1000
+ERRORS = {404: {"model": ErrorOut}, 422: {"model": ErrorOut}, 503: {"model": ErrorOut}}
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    reader: Store
+    inference: Inference
+    predictor: Predictor
+    ingester: Ingester | None = None
+
+    def data_age_s(self, product: str) -> float | None:
+        state = self.reader.ingest_state(product)
+        return round(time.time() - state.last_trade_time_us / 1e6, 3) if state else None
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState = request.app.state.cryptopi
+    return state
+
+
+State = Annotated[AppState, Depends(get_state)]
+ProductPath = Annotated[str, Path(pattern=PRODUCT_PATTERN, examples=["BTC-USD"])]
+
+
+def create_app(state: AppState) -> FastAPI:
+    app = FastAPI(title="cryptopi", version=__version__,
+                  description="Next-candle BTC-USD / ETH-USD predictions from a Raspberry Pi.")  # fmt: skip
+    app.state.cryptopi = state
+
+    def known(product: str) -> str:
+        if product not in state.settings.products:
+            served = ", ".join(state.settings.products)
+            raise HTTPException(404, f"unknown product {product}; this appliance serves {served}")
+        return product
+
+    @app.middleware("http")
+    async def timed(request: Request, call_next):  # type: ignore[no-untyped-def]
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        LATENCY.labels(getattr(route, "path", "unmatched")).observe(time.perf_counter() - started)
+        return response
+
+    @app.get("/health", response_model=Health)
+    async def health(s: State) -> Health:
+        products = {}
+        for product in s.settings.products:
+            loaded = s.inference.serving.get(product)
+            missing = s.predictor.missing.get(product)
+            products[product] = ProductHealth(
+                data_age_s=s.data_age_s(product), model_version=loaded.manifest.version if loaded else None,
+                models=sorted(loaded.models) if loaded else [], prediction=missing or "ok",
+            )  # fmt: skip
+        connected = bool(s.ingester and s.ingester.feed.connected)
+        ok = connected and all(p.prediction == "ok" for p in products.values())
+        return Health(status="ok" if ok else "degraded", version=__version__, ingest_connected=connected,
+                      products=products)  # fmt: skip
+
+    @app.get("/api/predict", response_model=PredictionResult, responses=ERRORS)  # type: ignore[arg-type]
+    async def predict(
+        s: State,
+        product: Annotated[str, Query(pattern=PRODUCT_PATTERN, examples=["BTC-USD"])],
+        model: Annotated[str, Query(pattern=r"^[a-z0-9_]{1,32}$")] = "cnn",
+        at: Annotated[
+            str | None, Query(description="ISO-8601, epoch seconds or 'now' (default: latest)")
+        ] = None,
+        level: Annotated[float, Query(description="Interval level: 0.8 or 0.95")] = 0.8,
+    ) -> PredictionResult:
+        known(product)
+        if level not in (0.8, 0.95):
+            raise HTTPException(422, f"level must be 0.8 or 0.95, not {level}")
+        when = None
+        if at is not None and at != "now":
+            try:
+                when = parse_time(at)
+            except ValueError as exc:
+                raise HTTPException(422, f"at: {exc}") from None
+        loaded = s.inference.serving.get(product)
+        names = sorted(loaded.models) if loaded else []
+        if model not in names:
+            raise HTTPException(
+                404, f"no model {model} for {product}; models: {', '.join(names) or 'none loaded'}"
+            )
+        rows = s.reader.predictions(product, model=model, at=when, limit=1)
+        if not rows:
+            if when is not None:
+                raise HTTPException(404, f"no {product} {model} prediction at or before {at}")
+            raise HTTPException(503, f"no {product} prediction yet: {s.predictor.missing.get(product)}")
+        return result(rows[0], level, s.data_age_s(product))
+
+    @app.get("/api/predictions/{product}", response_model=list[PredictionResult], responses=ERRORS)  # type: ignore[arg-type]
+    async def predictions(s: State, product: ProductPath) -> list[PredictionResult]:
+        known(product)
+        age = s.data_age_s(product)
+        return [result(r, 0.8, age) for r in s.reader.latest_predictions(product)]
+
+    @app.get("/api/candles/{product}", response_model=list[CandleOut], responses=ERRORS)  # type: ignore[arg-type]
+    async def candles(
+        s: State,
+        product: ProductPath,
+        granularity: Annotated[int, Query(description=f"One of {COINBASE_GRANULARITIES}")] = 3600,
+        start: Annotated[str | None, Query(description="ISO-8601 or epoch seconds")] = None,
+        end: Annotated[str | None, Query(description="ISO-8601 or epoch seconds")] = None,
+    ) -> list[CandleOut]:
+        known(product)
+        if granularity not in COINBASE_GRANULARITIES:
+            raise HTTPException(
+                422, f"granularity must be one of {COINBASE_GRANULARITIES}, not {granularity}"
+            )
+        bounds = {}
+        for name, value in (("start", start), ("end", end)):
+            if value is not None:
+                try:
+                    bounds[name] = parse_time(value)
+                except ValueError as exc:
+                    raise HTTPException(422, f"{name}: {exc}") from None
+        rows = s.reader.series_rows(product, granularity, last=None if bounds else 48)
+        lo, hi = bounds.get("start", -(2**62)), bounds.get("end", 2**62)
+        picked = [r for r in rows if lo <= r.start < hi][-MAX_CANDLES:]
+        return [CandleOut(time=datetime.fromtimestamp(r.start, UTC), open=r.open, high=r.high, low=r.low,
+                          close=r.close, volume=r.volume) for r in picked]  # fmt: skip
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def result(row: PredictionRow, level: float, data_age_s: float | None) -> PredictionResult:
+    lower, upper = (row.lower_80, row.upper_80) if level == 0.8 else (row.lower_95, row.upper_95)
+    return PredictionResult(
+        product=row.product, model=row.model, model_version=row.model_version, granularity=row.granularity,
+        as_of=datetime.fromtimestamp(row.as_of, UTC),
+        target_time=datetime.fromtimestamp(row.target_time, UTC),
+        predicted_close=row.predicted_close, interval=Interval(lower=lower, upper=upper, level=level),
+        last_close=row.last_close, data_age_s=data_age_s, realized_close=row.realized_close,
+    )  # fmt: skip

@@ -1,0 +1,55 @@
+"""What the API answers: pydantic models, so the OpenAPI schema documents itself."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class Interval(BaseModel):
+    lower: float
+    upper: float
+    level: float = Field(description="Share of outcomes the interval is calibrated to contain")
+
+
+class PredictionResult(BaseModel):
+    product: str
+    model: str
+    model_version: str
+    granularity: int = Field(description="Candle length in seconds")
+    as_of: datetime = Field(description="Close of the candle the prediction starts from")
+    target_time: datetime = Field(description="Close of the predicted candle")
+    predicted_close: float
+    interval: Interval
+    last_close: float
+    data_age_s: float | None = Field(description="Seconds since the newest trade the appliance holds")
+    realized_close: float | None = Field(None, description="Set once the predicted candle has closed")
+
+
+class CandleOut(BaseModel):
+    time: datetime = Field(description="Candle open time")
+    open: float
+    high: float
+    low: float
+    close: float
+    volume: float
+
+
+class ProductHealth(BaseModel):
+    data_age_s: float | None
+    model_version: str | None
+    models: list[str]
+    prediction: Literal["ok"] | str = Field(description="'ok', or why there is no fresh prediction")
+
+
+class Health(BaseModel):
+    status: Literal["ok", "degraded"]
+    version: str
+    ingest_connected: bool
+    products: dict[str, ProductHealth]
+
+
+class ErrorOut(BaseModel):
+    detail: str

@@ -1,0 +1,73 @@
+"""Closed candles in, stored predictions out; closed targets in, realized closes recorded.
+
+Woken by the ingester after each commit, so a prediction exists moments after its candle closes and
+reading it later costs a lookup. New model versions are picked up between steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+from appliance.features import WINDOW, CandleSeries, MissingHistory
+from appliance.inference import Inference
+from appliance.store import PredictionRow, Store
+
+log = logging.getLogger(__name__)
+RELOAD_EVERY_S = 10.0
+
+
+class Predictor:
+    def __init__(self, store: Store, inference: Inference, granularity: int = 3600) -> None:
+        self.store = store
+        self.inference = inference
+        self.granularity = granularity
+        self.wake = asyncio.Event()
+        #: Why a product has no fresh prediction (shown by /health and in 503s), None when it has one.
+        self.missing: dict[str, str | None] = dict.fromkeys(inference.products, "no candle has closed yet")
+        self.listeners: list[Callable[[list[PredictionRow]], None]] = []
+        self._done_as_of: dict[str, int] = {}
+
+    def step(self) -> list[PredictionRow]:
+        """Predict every product whose newest closed candle has no prediction yet."""
+        made: list[PredictionRow] = []
+        g = self.granularity
+        for product in self.inference.products:
+            rows = self.store.series_rows(product, g, last=WINDOW + 2)
+            if not rows:
+                self.missing[product] = "no candles stored yet"
+                continue
+            self.store.realize(product, g, {r.start: r.close for r in rows[-2:]})
+            as_of = rows[-1].start + g
+            if self._done_as_of.get(product) == as_of:
+                continue
+            if product not in self.inference.serving:
+                self.missing[product] = "no model loaded"
+                continue
+            try:
+                predictions = self.inference.predict(product, CandleSeries.from_rows(g, rows))
+            except MissingHistory as exc:
+                self.missing[product] = f"history too short: {exc}"
+                continue
+            self.store.save_predictions(predictions)
+            self._done_as_of[product] = as_of
+            self.missing[product] = None
+            made += predictions
+        if made:
+            for listener in self.listeners:
+                listener(made)
+        return made
+
+    async def run(self) -> None:
+        last_reload = time.monotonic()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), timeout=5)
+            self.wake.clear()
+            if time.monotonic() - last_reload >= RELOAD_EVERY_S:
+                self.inference.reload()
+                last_reload = time.monotonic()
+            self.step()

@@ -1,0 +1,98 @@
+"""``python -m appliance up``: ingest, prediction and the HTTP API in one process, one event loop.
+
+The ingester is the only writer to SQLite (the predictor writes through the same connection, on the
+same loop); the API reads through its own read-only connection, so a slow client never holds up a
+commit. If Coinbase is unreachable the API keeps serving what is stored and /health says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import uvicorn
+
+from appliance.api.app import AppState, create_app
+from appliance.backfill import backfill
+from appliance.candles import US
+from appliance.coinbase.rest import CoinbaseRest, CoinbaseRestError
+from appliance.features import WINDOW
+from appliance.inference import Inference
+from appliance.ingest import Ingester
+from appliance.predictor import Predictor
+from appliance.settings import Settings
+from appliance.store import Store
+
+log = logging.getLogger(__name__)
+HOUR = 3600
+
+
+async def fill_history(
+    settings: Settings, store: Store, rest: CoinbaseRest, predictor: Predictor, committed: asyncio.Event
+) -> None:
+    """On a first start, back-fill the hours before the first trade so the models can predict at once.
+
+    Measured from the market's own time (the first trade), not the wall clock, so it works the same
+    against Coinbase and against an offline replay.
+    """
+    for product in settings.products:
+        while (state := store.ingest_state(product)) is None:
+            committed.clear()
+            await committed.wait()
+        if len(store.series_rows(product, HOUR, last=WINDOW + 1)) > WINDOW:
+            continue
+        first_hour = state.last_trade_time_us // US // HOUR * HOUR
+        start = first_hour - settings.history_days * 86_400
+        try:
+            result = await backfill(
+                store, rest, product, HOUR, start, first_hour, now=first_hour, progress=False
+            )
+        except (CoinbaseRestError, ValueError) as exc:
+            log.error(
+                "history back-fill failed; predictions wait for ingest",
+                extra={"product": product, "error": str(exc)},
+            )
+            continue
+        log.info("history back-filled", extra={"product": product, "candles": result.rows})
+        predictor.wake.set()
+
+
+async def up(settings: Settings) -> None:
+    store = Store(settings.db_path)
+    reader = Store(settings.db_path, readonly=True)
+    inference = Inference(settings.models_dir, settings.products)
+    inference.reload()
+    predictor = Predictor(store, inference)
+    async with CoinbaseRest(settings.coinbase_rest_url, rate_per_s=settings.rest_rate_per_s,
+                            timeout_s=settings.rest_timeout_s) as rest:  # fmt: skip
+        committed = asyncio.Event()
+
+        def on_commit() -> None:
+            predictor.wake.set()
+            committed.set()
+
+        ingester = Ingester(settings, store, rest, on_commit=on_commit)
+        app = create_app(AppState(settings, reader, inference, predictor, ingester))
+        server = uvicorn.Server(uvicorn.Config(
+            app, host=settings.http_host, port=settings.http_port, log_config=None, access_log=False,
+            lifespan="off",
+        ))  # fmt: skip
+        # uvicorn takes SIGINT/SIGTERM while serving, shuts down, then re-raises them: the server
+        # finishing is what stops every other part.
+        parts = (server.serve(), ingester.run(), predictor.run(),
+                 fill_history(settings, store, rest, predictor, committed))  # fmt: skip
+        tasks = [asyncio.create_task(part) for part in parts]
+        log.info("appliance up", extra={"http": f"{settings.http_host}:{settings.http_port}",
+                                        "products": ",".join(settings.products)})  # fmt: skip
+        try:
+            done, _ = await asyncio.wait(tasks[:3], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # a crashed part ends the process with its error
+        finally:
+            server.should_exit = True
+            for task in tasks[1:]:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            store.close()
+            reader.close()
+            log.info("appliance stopped")

@@ -1,0 +1,133 @@
+"""``python -m appliance up`` against the replay server: live trades in, the same predictions out."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from appliance.candles import parse_time
+from appliance.coinbase.tape import read_candle_csv
+from appliance.features import WINDOW, CandleSeries
+from appliance.inference import Inference
+from appliance.store import Store
+from tests.conftest import BTC_1H, ETH_1H, REPO, free_port, replay_process
+
+REPLAY = [
+    "--candles",
+    f"BTC-USD={BTC_1H}",
+    "--candles",
+    f"ETH-USD={ETH_1H}",
+    "--from",
+    "2026-03-20",
+    "--to",
+    "2026-05-01",
+    "--start-at",
+    "2026-04-20T00:30:00Z",
+    "--speed",
+    "1800",
+    "--heartbeat-s",
+    "0.2",
+]
+
+
+@pytest.fixture(scope="module")
+def appliance(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
+    data = tmp_path_factory.mktemp("up")
+    port = free_port()
+    with replay_process(REPLAY) as replay_port:
+        env = os.environ | {
+            "CRYPTOPI_DATA_DIR": str(data), "CRYPTOPI_HTTP_HOST": "127.0.0.1",
+            "CRYPTOPI_HTTP_PORT": str(port),
+            "CRYPTOPI_COINBASE_WS_URL": f"ws://127.0.0.1:{replay_port}",
+            "CRYPTOPI_COINBASE_REST_URL": f"http://127.0.0.1:{replay_port}",
+        }  # fmt: skip
+        log = (data / "up.log").open("wb")
+        proc = subprocess.Popen([sys.executable, "-m", "appliance", "up"], env=env, cwd=REPO, stdout=log,
+                                stderr=log)  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, (data / "up.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, (data / "up.log").read_text()[-3000:]
+            try:
+                health = httpx.get(f"{url}/health", timeout=2).json()
+                if all(p["prediction"] == "ok" for p in health["products"].values()):
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        yield url, proc, data
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+
+
+def test_live_prediction_equals_the_models_on_the_real_candles(appliance) -> None:
+    url, _, _ = appliance
+    for product, csv in (("BTC-USD", BTC_1H), ("ETH-USD", ETH_1H)):
+        got = httpx.get(f"{url}/api/predict", params={"product": product, "model": "cnn"}).json()
+        as_of = parse_time(got["as_of"])
+        real = [c.row() for c in read_candle_csv(csv) if c.start < as_of][-WINDOW:]
+        offline = Inference(REPO / "appliance" / "models", (product,))
+        offline.reload()
+        expected = {p.model: p for p in offline.predict(product, CandleSeries.from_rows(3600, real))}
+        assert got["last_close"] == real[-1].close
+        assert got["predicted_close"] == pytest.approx(expected["cnn"].predicted_close, rel=1e-9)
+        assert got["interval"]["lower"] < got["predicted_close"] < got["interval"]["upper"]
+        assert parse_time(got["target_time"]) == as_of + 3600
+        both = httpx.get(f"{url}/api/predictions/{product}").json()
+        assert {p["model"] for p in both} == {"cnn", "lasso"}
+
+
+def test_health_candles_metrics_and_openapi(appliance) -> None:
+    url, _, _ = appliance
+    health = httpx.get(f"{url}/health").json()
+    assert health["ingest_connected"] is True
+    assert set(health["products"]) == {"BTC-USD", "ETH-USD"}
+    assert all(p["model_version"] for p in health["products"].values())
+    candles = httpx.get(f"{url}/api/candles/BTC-USD").json()
+    assert len(candles) >= WINDOW
+    metrics = httpx.get(f"{url}/metrics").text
+    assert "cryptopi_http_request_seconds_bucket" in metrics
+    assert 'cryptopi_model_info{model="cnn",product="BTC-USD"' in metrics
+    assert "/api/predict" in httpx.get(f"{url}/openapi.json").json()["paths"]
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "status", "message"),
+    [
+        ("/api/predict", {"product": "DOGE-USD"}, 404, "unknown product DOGE-USD"),
+        ("/api/predict", {"product": "btc usd"}, 422, "product"),
+        ("/api/predict", {"product": "BTC-USD", "model": "oracle"}, 404, "no model oracle"),
+        ("/api/predict", {"product": "BTC-USD", "at": "yesterday"}, 422, "at:"),
+        ("/api/predict", {"product": "BTC-USD", "at": "2001-01-01"}, 404, "at or before"),
+        ("/api/predict", {"product": "BTC-USD", "level": "0.5"}, 422, "level"),
+        ("/api/predict", {}, 422, "product"),
+        ("/api/candles/BTC-USD", {"granularity": "7"}, 422, "granularity"),
+        ("/api/candles/BTC-USD", {"start": "soon"}, 422, "start:"),
+        ("/api/predictions/NOPE-USD", {}, 404, "unknown product"),
+    ],
+)
+def test_bad_requests_get_a_clear_4xx(appliance, path: str, params: dict[str, str], status: int,
+                                      message: str) -> None:  # fmt: skip
+    url, _, _ = appliance
+    response = httpx.get(f"{url}{path}", params=params)
+    assert response.status_code == status
+    assert message in response.text
+
+
+def test_sigterm_stops_cleanly(appliance) -> None:
+    _, proc, data = appliance
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0
+    assert "appliance stopped" in (data / "up.log").read_text()
+    with Store(data / "cryptopi.sqlite3") as store:
+        assert store.integrity_check() == "ok"
+        assert store.predictions("BTC-USD", model="cnn")
