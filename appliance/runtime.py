@@ -27,34 +27,49 @@ log = logging.getLogger(__name__)
 HOUR = 3600
 
 
-async def fill_history(
+def missing_hours(store: Store, product: str) -> tuple[int, int] | None:
+    """The span of closed hours the models need that the store lacks, or None when it is whole."""
+    state = store.ingest_state(product)
+    if state is None:
+        return None
+    open_hour = state.last_trade_time_us // US // HOUR * HOUR
+    needed = set(range(open_hour - WINDOW * HOUR, open_hour, HOUR))
+    have = {r.start for r in store.series_rows(product, HOUR, last=WINDOW + 1)}
+    holes = needed - have
+    return (min(holes), max(holes) + HOUR) if holes else None
+
+
+async def keep_history(
     settings: Settings, store: Store, rest: CoinbaseRest, predictor: Predictor, committed: asyncio.Event
 ) -> None:
-    """On a first start, back-fill the hours before the first trade so the models can predict at once.
+    """Keep the hours the models need whole: back-fill holes from REST candles as hours close.
 
-    Measured from the market's own time (the first trade), not the wall clock, so it works the same
-    against Coinbase and against an offline replay.
+    Covers a first start (no history), the hour in which ingest began (trade-built only in part)
+    and long outages. Measured in the market's own time (trades), so a replay behaves like Coinbase.
     """
-    for product in settings.products:
-        while (state := store.ingest_state(product)) is None:
-            committed.clear()
-            await committed.wait()
-        if len(store.series_rows(product, HOUR, last=WINDOW + 1)) > WINDOW:
-            continue
-        first_hour = state.last_trade_time_us // US // HOUR * HOUR
-        start = first_hour - settings.history_days * 86_400
-        try:
-            result = await backfill(
-                store, rest, product, HOUR, start, first_hour, now=first_hour, progress=False
-            )
-        except (CoinbaseRestError, ValueError) as exc:
-            log.error(
-                "history back-fill failed; predictions wait for ingest",
-                extra={"product": product, "error": str(exc)},
-            )
-            continue
-        log.info("history back-filled", extra={"product": product, "candles": result.rows})
-        predictor.wake.set()
+    checked: dict[str, int] = {}
+    while True:
+        committed.clear()
+        await committed.wait()
+        for product in settings.products:
+            state = store.ingest_state(product)
+            if state is None or checked.get(product) == (hour := state.last_trade_time_us // US // HOUR):
+                continue
+            checked[product] = hour
+            span = missing_hours(store, product)
+            if span is None:
+                continue
+            start = min(span[0], hour * HOUR - settings.history_days * 86_400)
+            try:
+                result = await backfill(
+                    store, rest, product, HOUR, start, span[1], now=hour * HOUR, progress=False
+                )
+            except (CoinbaseRestError, ValueError) as exc:
+                log.error("history back-fill failed; will retry next hour",
+                          extra={"product": product, "error": str(exc)})  # fmt: skip
+                continue
+            log.info("history back-filled", extra={"product": product, "candles": result.rows})
+            predictor.wake.set()
 
 
 async def up(settings: Settings) -> None:
@@ -80,7 +95,7 @@ async def up(settings: Settings) -> None:
         # uvicorn takes SIGINT/SIGTERM while serving, shuts down, then re-raises them: the server
         # finishing is what stops every other part.
         parts = (server.serve(), ingester.run(), predictor.run(),
-                 fill_history(settings, store, rest, predictor, committed))  # fmt: skip
+                 keep_history(settings, store, rest, predictor, committed))  # fmt: skip
         tasks = [asyncio.create_task(part) for part in parts]
         log.info("appliance up", extra={"http": f"{settings.http_host}:{settings.http_port}",
                                         "products": ",".join(settings.products)})  # fmt: skip

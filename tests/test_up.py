@@ -86,6 +86,24 @@ def test_live_prediction_equals_the_models_on_the_real_candles(appliance) -> Non
         assert {p["model"] for p in both} == {"cnn", "lasso"}
 
 
+def test_predictions_keep_coming_every_hour_without_a_gap(appliance) -> None:
+    """Past the hour ingest began in (trade-built only in part), back-filled history keeps it whole."""
+    url, _, data = appliance
+    first = parse_time(httpx.get(f"{url}/api/predict", params={"product": "BTC-USD"}).json()["as_of"])
+    deadline = time.monotonic() + 30
+    while (
+        parse_time(httpx.get(f"{url}/api/predict", params={"product": "BTC-USD"}).json()["as_of"])
+        < first + 4 * 3600
+    ):
+        assert time.monotonic() < deadline, (data / "up.log").read_text()[-3000:]
+        time.sleep(0.2)
+    health = httpx.get(f"{url}/health").json()
+    assert {p["prediction"] for p in health["products"].values()} == {"ok"}, health
+    with Store(data / "cryptopi.sqlite3", readonly=True) as store:
+        hours = sorted({p.as_of for p in store.predictions("BTC-USD", model="cnn")})
+    assert hours == list(range(hours[0], hours[-1] + 3600, 3600))
+
+
 def test_health_candles_metrics_and_openapi(appliance) -> None:
     url, _, _ = appliance
     health = httpx.get(f"{url}/health").json()
