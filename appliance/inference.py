@@ -113,6 +113,10 @@ class Inference:
                                              "models": ",".join(loaded.models), "ms": ms})  # fmt: skip
         return changed
 
+    def models_of(self, product: str) -> list[str]:
+        loaded = self.serving.get(product)
+        return sorted(loaded.models) if loaded else []
+
     def predict(self, product: str, series: CandleSeries) -> list[PredictionRow]:
         """Each model's prediction of the candle after ``series``' last; MissingHistory if it is short."""
         loaded = self.serving.get(product)

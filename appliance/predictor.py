@@ -14,10 +14,12 @@ from collections.abc import Callable
 
 from appliance.features import WINDOW, CandleSeries, MissingHistory
 from appliance.inference import Inference
+from appliance.monitoring import publish, scores
 from appliance.store import PredictionRow, Store
 
 log = logging.getLogger(__name__)
 RELOAD_EVERY_S = 10.0
+ACCURACY_WINDOW = 168  # predictions: a week of hours
 
 
 class Predictor:
@@ -40,7 +42,8 @@ class Predictor:
             if not rows:
                 self.missing[product] = "no candles stored yet"
                 continue
-            self.store.realize(product, g, {r.start: r.close for r in rows[-2:]})
+            if self.store.realize(product, g, {r.start: r.close for r in rows[-2:]}):
+                self.score(product)
             as_of = rows[-1].start + g
             if self._done_as_of.get(product) == as_of:
                 continue
@@ -60,6 +63,10 @@ class Predictor:
             for listener in self.listeners:
                 listener(made)
         return made
+
+    def score(self, product: str) -> None:
+        """Refresh the rolling accuracy gauges (a week of hours) after new closes came in."""
+        publish(product, scores(self.store, product, self.inference.models_of(product), ACCURACY_WINDOW))
 
     async def run(self) -> None:
         last_reload = time.monotonic()

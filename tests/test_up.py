@@ -104,6 +104,29 @@ def test_predictions_keep_coming_every_hour_without_a_gap(appliance) -> None:
     assert hours == list(range(hours[0], hours[-1] + 3600, 3600))
 
 
+def test_realized_accuracy_matches_the_real_closes(appliance) -> None:
+    url, _, data = appliance
+    real_close = {c.start + 3600: c.row().close for c in read_candle_csv(BTC_1H)}  # close time -> close
+    with Store(data / "cryptopi.sqlite3", readonly=True) as store:
+        rows = [p for p in store.predictions("BTC-USD", model="lasso") if p.realized_close is not None]
+    assert len(rows) >= 3
+    assert all(p.realized_close == real_close[p.target_time] for p in rows)
+    scores = {a["model"]: a for a in httpx.get(f"{url}/api/accuracy/BTC-USD").json()}
+    assert set(scores) == {"cnn", "lasso"}
+    lasso = scores["lasso"]
+    assert lasso["predictions"] >= len(rows)
+    assert 0 <= lasso["coverage_80"] <= lasso["coverage_95"] <= 1
+    assert lasso["skill"] == pytest.approx(1 - lasso["mae"] / lasso["persistence_mae"])
+    one = httpx.get(f"{url}/api/accuracy/BTC-USD", params={"model": "lasso", "window": len(rows)}).json()
+    with Store(data / "cryptopi.sqlite3", readonly=True) as store:
+        newest = store.predictions("BTC-USD", model="lasso", limit=len(rows))
+    errors = [abs(p.predicted_close - p.realized_close) for p in newest if p.realized_close is not None]
+    expected = sum(errors) / len(errors)
+    assert one[0]["mae"] == pytest.approx(expected)
+    assert 'cryptopi_realized_mae{model="persistence",product="BTC-USD"}' in httpx.get(f"{url}/metrics").text
+    assert httpx.get(f"{url}/api/accuracy/BTC-USD", params={"model": "oracle"}).status_code == 404
+
+
 def test_health_candles_metrics_and_openapi(appliance) -> None:
     url, _, _ = appliance
     health = httpx.get(f"{url}/health").json()

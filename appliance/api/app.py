@@ -9,11 +9,20 @@ from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Respo
 from prometheus_client import CONTENT_TYPE_LATEST, Histogram, generate_latest
 
 from appliance import __version__
-from appliance.api.schemas import CandleOut, ErrorOut, Health, Interval, PredictionResult, ProductHealth
+from appliance.api.schemas import (
+    AccuracyOut,
+    CandleOut,
+    ErrorOut,
+    Health,
+    Interval,
+    PredictionResult,
+    ProductHealth,
+)
 from appliance.candles import COINBASE_GRANULARITIES, parse_time
 from appliance.coinbase.messages import PRODUCT_PATTERN
 from appliance.inference import Inference
 from appliance.ingest import Ingester
+from appliance.monitoring import scores
 from appliance.predictor import Predictor
 from appliance.settings import Settings
 from appliance.store import PredictionRow, Store
@@ -101,8 +110,7 @@ def create_app(state: AppState) -> FastAPI:
                 when = parse_time(at)
             except ValueError as exc:
                 raise HTTPException(422, f"at: {exc}") from None
-        loaded = s.inference.serving.get(product)
-        names = sorted(loaded.models) if loaded else []
+        names = s.inference.models_of(product)
         if model not in names:
             raise HTTPException(
                 404, f"no model {model} for {product}; models: {', '.join(names) or 'none loaded'}"
@@ -145,6 +153,23 @@ def create_app(state: AppState) -> FastAPI:
         picked = [r for r in rows if lo <= r.start < hi][-MAX_CANDLES:]
         return [CandleOut(time=datetime.fromtimestamp(r.start, UTC), open=r.open, high=r.high, low=r.low,
                           close=r.close, volume=r.volume) for r in picked]  # fmt: skip
+
+    @app.get("/api/accuracy/{product}", response_model=list[AccuracyOut], responses=ERRORS)  # type: ignore[arg-type]
+    async def accuracy(
+        s: State,
+        product: ProductPath,
+        model: Annotated[str | None, Query(pattern=r"^[a-z0-9_]{1,32}$")] = None,
+        window: Annotated[int, Query(ge=1, le=10_000, description="Newest predictions scored")] = 168,
+    ) -> list[AccuracyOut]:
+        known(product)
+        models = s.inference.models_of(product)
+        if model is not None:
+            if model not in models:
+                raise HTTPException(
+                    404, f"no model {model} for {product}; models: {', '.join(models) or 'none'}"
+                )
+            models = [model]
+        return [AccuracyOut(**vars(a)) for a in scores(s.reader, product, models, window)]
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:

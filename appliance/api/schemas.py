@@ -51,5 +51,15 @@ class Health(BaseModel):
     products: dict[str, ProductHealth]
 
 
+class AccuracyOut(BaseModel):
+    model: str
+    predictions: int = Field(description="Predictions whose candle has closed, within the window")
+    mae: float | None
+    persistence_mae: float | None = Field(description="'Next close = last close' on the same hours")
+    skill: float | None = Field(description="1 - mae / persistence_mae")
+    coverage_80: float | None
+    coverage_95: float | None
+
+
 class ErrorOut(BaseModel):
     detail: str
