@@ -14,7 +14,7 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 DATASETS := appliance/datasets
 DEMO_PORT := 8765
 
-.PHONY: help setup run demo test lint fmt bench models clean
+.PHONY: help setup run demo test test-deps lint fmt bench models clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -50,7 +50,14 @@ fmt: setup  ## apply ruff's fixes and formatting
 	$(DEV) ruff check --fix .
 	$(DEV) ruff format .
 
-test: lint  ## the whole test suite (what CI runs)
+# Services the tests run for real (started by the tests themselves, on loopback).
+TEST_PACKAGES := mosquitto
+
+test-deps:  ## install the system packages the tests need (Debian)
+	@missing=$$(for p in $(TEST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $$missing; fi
+
+test: lint test-deps  ## the whole test suite (what CI runs)
 	$(DEV) pytest
 
 bench: setup  ## measure throughput and memory; JSON in bench-results/, summary on stdout

@@ -32,6 +32,8 @@ class Predictor:
         self.missing: dict[str, str | None] = dict.fromkeys(inference.products, "no candle has closed yet")
         self.listeners: list[Callable[[list[PredictionRow]], None]] = []
         self._done_as_of: dict[str, int] = {}
+        #: Latest rolling accuracy per (product, model), for whoever publishes predictions.
+        self.accuracy: dict[tuple[str, str], dict[str, float | None]] = {}
 
     def step(self) -> list[PredictionRow]:
         """Predict every product whose newest closed candle has no prediction yet."""
@@ -65,8 +67,12 @@ class Predictor:
         return made
 
     def score(self, product: str) -> None:
-        """Refresh the rolling accuracy gauges (a week of hours) after new closes came in."""
-        publish(product, scores(self.store, product, self.inference.models_of(product), ACCURACY_WINDOW))
+        """Refresh the rolling accuracy (a week of hours) after new closes came in."""
+        scored = scores(self.store, product, self.inference.models_of(product), ACCURACY_WINDOW)
+        publish(product, scored)
+        for a in scored:
+            self.accuracy[product, a.model] = {"mae": a.mae, "persistence_mae": a.persistence_mae,
+                                               "skill": a.skill, "coverage_80": a.coverage_80}  # fmt: skip
 
     async def run(self) -> None:
         last_reload = time.monotonic()

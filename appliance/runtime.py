@@ -19,9 +19,10 @@ from appliance.coinbase.rest import CoinbaseRest, CoinbaseRestError
 from appliance.features import WINDOW
 from appliance.inference import Inference
 from appliance.ingest import Ingester
+from appliance.mqtt import MqttPublisher
 from appliance.predictor import Predictor
 from appliance.settings import Settings
-from appliance.store import Store
+from appliance.store import PredictionRow, Store
 
 log = logging.getLogger(__name__)
 HOUR = 3600
@@ -78,6 +79,24 @@ async def up(settings: Settings) -> None:
     inference = Inference(settings.models_dir, settings.products)
     inference.reload()
     predictor = Predictor(store, inference)
+    publisher = None
+    if settings.mqtt_url:
+        publisher = MqttPublisher(
+            settings.mqtt_url, settings.mqtt_device_id, settings.products,
+            discovery_prefix=settings.mqtt_discovery_prefix, ca_file=settings.mqtt_ca_file,
+        )  # fmt: skip
+
+        def to_mqtt(rows: list[PredictionRow]) -> None:
+            assert publisher is not None
+            for product in {r.product for r in rows}:
+                publisher.set_models(product, inference.models_of(product))
+            publisher.publish(rows, predictor.accuracy)
+
+        predictor.listeners.append(to_mqtt)
+        for product in settings.products:
+            predictor.score(product)
+            to_mqtt(store.latest_predictions(product))  # what is known already, before the next close
+        publisher.start()
     async with CoinbaseRest(settings.coinbase_rest_url, rate_per_s=settings.rest_rate_per_s,
                             timeout_s=settings.rest_timeout_s) as rest:  # fmt: skip
         committed = asyncio.Event()
@@ -108,6 +127,8 @@ async def up(settings: Settings) -> None:
             for task in tasks[1:]:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if publisher:
+                publisher.stop()
             store.close()
             reader.close()
             log.info("appliance stopped")

@@ -34,6 +34,12 @@ class Settings(BaseSettings):
     http_port: int = Field(8000, ge=1, le=65535)
     models_dir: Path = Field(MODELS_DIR, description="Model registry (default: the models shipped inside)")
     history_days: int = Field(3, ge=2, le=300, description="Hourly history back-filled on first start")
+    mqtt_url: str | None = Field(
+        None, description="mqtt://[user:pass@]host[:port] or mqtts://…; off if unset"
+    )
+    mqtt_device_id: str = Field("cryptopi", pattern=r"^[A-Za-z0-9_-]{1,40}$")
+    mqtt_discovery_prefix: str = Field("homeassistant", pattern=r"^[A-Za-z0-9_/-]{1,60}$")
+    mqtt_ca_file: str | None = Field(None, description="CA bundle for mqtts:// (default: the system's)")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["logfmt", "json"] = "logfmt"
 
@@ -65,6 +71,11 @@ class Settings(BaseSettings):
     @classmethod
     def _check_rest_url(cls, value: str) -> str:
         return _check_url(value, ("http", "https"))
+
+    @field_validator("mqtt_url")
+    @classmethod
+    def _check_mqtt_url(cls, value: str | None) -> str | None:
+        return _check_url(value, ("mqtt", "mqtts")) if value else None
 
     @property
     def db_path(self) -> Path:

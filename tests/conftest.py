@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -174,3 +175,81 @@ class MetricDelta:
 def btc_hourly() -> CandleSeries:
     """All real BTC-USD hourly candles (2023-12-31 .. 2026-05-08, two real 5-hour holes)."""
     return CandleSeries.from_rows(3600, [c.row() for c in read_candle_csv(BTC_1H)])
+
+
+class Broker:
+    """A real Mosquitto on a loopback port; it can be stopped and started again on the same port."""
+
+    def __init__(self, folder: Path) -> None:
+        self.port = free_port()
+        self.conf = folder / "mosquitto.conf"
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                             "log_dest stderr\n")  # fmt: skip
+        self.log = folder / "mosquitto.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.proc = subprocess.Popen([mosquitto, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
+                                     stderr=self.log.open("ab"))  # fmt: skip
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                assert self.proc.poll() is None, self.log.read_text()
+                assert time.monotonic() < deadline, "mosquitto did not listen"
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    b = Broker(tmp_path)
+    b.start()
+    yield b
+    b.stop()
+
+
+class MqttWatcher:
+    """A plain paho subscriber that records the last payload (and a count) per topic."""
+
+    def __init__(self, port: int, topics: Sequence[str]) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.last: dict[str, bytes] = {}
+        self.count: dict[str, int] = {}
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2)
+
+        def on_message(client: Any, userdata: Any, msg: Any) -> None:
+            self.last[msg.topic] = msg.payload
+            self.count[msg.topic] = self.count.get(msg.topic, 0) + 1
+
+        def on_connect(client: Any, *_: Any) -> None:
+            for topic in topics:
+                client.subscribe(topic, qos=1)
+
+        self.client.on_message = on_message
+        self.client.on_connect = on_connect
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def wait(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}; have {sorted(self.last)}"
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()

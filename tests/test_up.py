@@ -1,5 +1,7 @@
 """``python -m appliance up`` against the replay server: live trades in, the same predictions out."""
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -16,7 +18,7 @@ from appliance.coinbase.tape import read_candle_csv
 from appliance.features import WINDOW, CandleSeries
 from appliance.inference import Inference
 from appliance.store import Store
-from tests.conftest import BTC_1H, ETH_1H, REPO, free_port, replay_process
+from tests.conftest import BTC_1H, ETH_1H, REPO, Broker, MqttWatcher, free_port, replay_process
 
 REPLAY = [
     "--candles",
@@ -36,16 +38,14 @@ REPLAY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def appliance(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
-    data = tmp_path_factory.mktemp("up")
+@contextlib.contextmanager
+def running_up(data: Path, broker: Broker) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Replay server + Mosquitto + ``python -m appliance up``, until every product has a prediction."""
     port = free_port()
     with replay_process(REPLAY) as replay_port:
         env = os.environ | {
             "CRYPTOPI_DATA_DIR": str(data), "CRYPTOPI_HTTP_HOST": "127.0.0.1",
-            "CRYPTOPI_HTTP_PORT": str(port),
+            "CRYPTOPI_HTTP_PORT": str(port), "CRYPTOPI_MQTT_URL": broker.url,
             "CRYPTOPI_COINBASE_WS_URL": f"ws://127.0.0.1:{replay_port}",
             "CRYPTOPI_COINBASE_REST_URL": f"http://127.0.0.1:{replay_port}",
         }  # fmt: skip
@@ -54,23 +54,40 @@ def appliance(
                                 stderr=log)  # fmt: skip
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, (data / "up.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, (data / "up.log").read_text()[-3000:]
-            try:
-                health = httpx.get(f"{url}/health", timeout=2).json()
-                if all(p["prediction"] == "ok" for p in health["products"].values()):
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        yield url, proc, data
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(20)
+        try:
+            while True:
+                assert proc.poll() is None, (data / "up.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, (data / "up.log").read_text()[-3000:]
+                try:
+                    health = httpx.get(f"{url}/health", timeout=2).json()
+                    if all(p["prediction"] == "ok" for p in health["products"].values()):
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.2)
+            yield url, proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def appliance(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[str, subprocess.Popen[bytes], Path, Broker]]:
+    data = tmp_path_factory.mktemp("up")
+    broker = Broker(data)
+    broker.start()
+    try:
+        with running_up(data, broker) as (url, proc):
+            yield url, proc, data, broker
+    finally:
+        broker.stop()
 
 
 def test_live_prediction_equals_the_models_on_the_real_candles(appliance) -> None:
-    url, _, _ = appliance
+    url, *_ = appliance
     for product, csv in (("BTC-USD", BTC_1H), ("ETH-USD", ETH_1H)):
         got = httpx.get(f"{url}/api/predict", params={"product": product, "model": "cnn"}).json()
         as_of = parse_time(got["as_of"])
@@ -88,7 +105,7 @@ def test_live_prediction_equals_the_models_on_the_real_candles(appliance) -> Non
 
 def test_predictions_keep_coming_every_hour_without_a_gap(appliance) -> None:
     """Past the hour ingest began in (trade-built only in part), back-filled history keeps it whole."""
-    url, _, data = appliance
+    url, _, data, _ = appliance
     first = parse_time(httpx.get(f"{url}/api/predict", params={"product": "BTC-USD"}).json()["as_of"])
     deadline = time.monotonic() + 30
     while (
@@ -105,7 +122,7 @@ def test_predictions_keep_coming_every_hour_without_a_gap(appliance) -> None:
 
 
 def test_realized_accuracy_matches_the_real_closes(appliance) -> None:
-    url, _, data = appliance
+    url, _, data, _ = appliance
     real_close = {c.start + 3600: c.row().close for c in read_candle_csv(BTC_1H)}  # close time -> close
     with Store(data / "cryptopi.sqlite3", readonly=True) as store:
         rows = [p for p in store.predictions("BTC-USD", model="lasso") if p.realized_close is not None]
@@ -128,7 +145,7 @@ def test_realized_accuracy_matches_the_real_closes(appliance) -> None:
 
 
 def test_health_candles_metrics_and_openapi(appliance) -> None:
-    url, _, _ = appliance
+    url, *_ = appliance
     health = httpx.get(f"{url}/health").json()
     assert health["ingest_connected"] is True
     assert set(health["products"]) == {"BTC-USD", "ETH-USD"}
@@ -158,16 +175,52 @@ def test_health_candles_metrics_and_openapi(appliance) -> None:
 )
 def test_bad_requests_get_a_clear_4xx(appliance, path: str, params: dict[str, str], status: int,
                                       message: str) -> None:  # fmt: skip
-    url, _, _ = appliance
+    url, *_ = appliance
     response = httpx.get(f"{url}{path}", params=params)
     assert response.status_code == status
     assert message in response.text
 
 
+def test_mqtt_carries_the_prediction_the_api_serves(appliance) -> None:
+    url, _, _, broker = appliance
+    watcher = MqttWatcher(broker.port, ["cryptopi/#", "homeassistant/#"])
+    try:
+        watcher.wait(lambda: "cryptopi/cryptopi/btc-usd/cnn" in watcher.last, 10, "a retained prediction")
+        assert watcher.last["cryptopi/cryptopi/status"] == b"online"
+        assert "homeassistant/sensor/cryptopi_cryptopi/eth-usd_lasso/config" in watcher.last
+        api = httpx.get(f"{url}/api/predict", params={"product": "BTC-USD", "model": "cnn"}).json()
+        watcher.wait(lambda: json.loads(watcher.last["cryptopi/cryptopi/btc-usd/cnn"])["as_of"]
+                     >= parse_time(api["as_of"]), 10, "the API's prediction on MQTT")  # fmt: skip
+        mqtt = json.loads(watcher.last["cryptopi/cryptopi/btc-usd/cnn"])
+        if mqtt["as_of"] == parse_time(api["as_of"]):
+            assert mqtt["predicted_close"] == round(api["predicted_close"], 2)
+            assert mqtt["model_version"] == api["model_version"]
+    finally:
+        watcher.close()
+
+
+def test_last_will_says_offline_when_the_appliance_is_killed(tmp_path: Path, broker: Broker) -> None:
+    watcher = MqttWatcher(broker.port, ["cryptopi/cryptopi/status"])
+    try:
+        with running_up(tmp_path, broker) as (_, proc):
+            watcher.wait(lambda: watcher.last.get("cryptopi/cryptopi/status") == b"online", 10, "online")
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            watcher.wait(
+                lambda: watcher.last.get("cryptopi/cryptopi/status") == b"offline", 10, "the last will"
+            )
+    finally:
+        watcher.close()
+
+
 def test_sigterm_stops_cleanly(appliance) -> None:
-    _, proc, data = appliance
+    _, proc, data, broker = appliance
+    watcher = MqttWatcher(broker.port, ["cryptopi/cryptopi/status"])
+    watcher.wait(lambda: watcher.last.get("cryptopi/cryptopi/status") == b"online", 10, "online")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(20) == 0
+    watcher.wait(lambda: watcher.last.get("cryptopi/cryptopi/status") == b"offline", 10, "offline on SIGTERM")
+    watcher.close()
     assert "appliance stopped" in (data / "up.log").read_text()
     with Store(data / "cryptopi.sqlite3") as store:
         assert store.integrity_check() == "ok"
