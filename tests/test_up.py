@@ -225,3 +225,32 @@ def test_sigterm_stops_cleanly(appliance) -> None:
     with Store(data / "cryptopi.sqlite3") as store:
         assert store.integrity_check() == "ok"
         assert store.predictions("BTC-USD", model="cnn")
+
+
+def test_generated_requests_from_the_openapi_schema_never_get_a_5xx(appliance, tmp_path: Path) -> None:
+    """Property-based: schemathesis reads /openapi.json and sends what it generates, checking each answer."""
+    url, *_ = appliance
+    events = tmp_path / "events.ndjson"
+    out = subprocess.run(
+        [sys.executable, "-m", "schemathesis.cli", "run", f"{url}/openapi.json",
+         "--checks", "not_a_server_error", "--max-examples", "150", "--seed", "1",
+         "--report", "ndjson", "--report-ndjson-path", str(events)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-4000:]
+    statuses: list[int] = []
+
+    def collect(node: object) -> None:  # every recorded request/response pair, wherever it nests
+        if isinstance(node, dict):
+            if "request" in node and isinstance(node.get("response"), dict):
+                statuses.append(node["response"]["status_code"])
+            for value in node.values():
+                collect(value)
+        elif isinstance(node, list):
+            for value in node:
+                collect(value)
+
+    for line in events.read_text().splitlines():
+        collect(json.loads(line))
+    assert len(statuses) >= 500, f"only {len(statuses)} requests were generated\n{out.stdout[-2000:]}"
+    assert max(statuses) < 500
