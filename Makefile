@@ -51,7 +51,7 @@ fmt: setup  ## apply ruff's fixes and formatting
 	$(DEV) ruff format .
 
 # Services the tests run for real (started by the tests themselves, on loopback).
-TEST_PACKAGES := mosquitto
+TEST_PACKAGES := mosquitto chromium
 
 test-deps:  ## install the system packages the tests need (Debian)
 	@missing=$$(for p in $(TEST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \

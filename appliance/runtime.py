@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from typing import Any
 
 import uvicorn
 
-from appliance.api.app import AppState, create_app
+from appliance.api.app import AppState, candle_out, create_app, result
+from appliance.api.stream import Hub
 from appliance.backfill import backfill
-from appliance.candles import US
+from appliance.candles import US, bucket_start
 from appliance.coinbase.rest import CoinbaseRest, CoinbaseRestError
 from appliance.features import WINDOW
 from appliance.inference import Inference
@@ -26,6 +29,24 @@ from appliance.store import PredictionRow, Store
 
 log = logging.getLogger(__name__)
 HOUR = 3600
+CANDLE_EVENT_GAP_S = 0.25  # live price updates to the dashboard at most 4 times a second
+
+
+def live_candles(store: Store, products: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The candle in progress of each product (the dashboard's live price), as stream events."""
+    events = []
+    for product in products:
+        state = store.ingest_state(product)
+        if state is None:
+            continue
+        rows = store.candles(
+            product, HOUR, source="trades", start=bucket_start(state.last_trade_time_us, HOUR)
+        )
+        if rows:
+            events.append(
+                {"type": "candle", "product": product, "candle": candle_out(rows[-1]).model_dump(mode="json")}
+            )
+    return events
 
 
 def missing_hours(store: Store, product: str) -> tuple[int, int] | None:
@@ -100,13 +121,28 @@ async def up(settings: Settings) -> None:
     async with CoinbaseRest(settings.coinbase_rest_url, rate_per_s=settings.rest_rate_per_s,
                             timeout_s=settings.rest_timeout_s) as rest:  # fmt: skip
         committed = asyncio.Event()
+        hub = Hub()
+        last_candle_event = 0.0
 
         def on_commit() -> None:
+            nonlocal last_candle_event
             predictor.wake.set()
             committed.set()
+            if hub.clients and time.monotonic() - last_candle_event >= CANDLE_EVENT_GAP_S:
+                last_candle_event = time.monotonic()
+                for event in live_candles(store, settings.products):
+                    hub.publish(event)
 
         ingester = Ingester(settings, store, rest, on_commit=on_commit)
-        app = create_app(AppState(settings, reader, inference, predictor, ingester))
+
+        def to_stream(rows: list[PredictionRow]) -> None:
+            for r in rows:
+                hub.publish(
+                    {"type": "prediction", "prediction": result(r, 0.8, None).model_dump(mode="json")}
+                )
+
+        predictor.listeners.append(to_stream)
+        app = create_app(AppState(settings, reader, inference, predictor, ingester, hub))
         server = uvicorn.Server(uvicorn.Config(
             app, host=settings.http_host, port=settings.http_port, log_config=None, access_log=False,
             lifespan="off",

@@ -1,11 +1,25 @@
 """Routes. The state they read is injected (``AppState``), so tests build it from real parts."""
 
+import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Annotated
+from pathlib import Path as FsPath
+from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response
+from fastapi import (
+    Depends,
+    FastAPI,
+    HTTPException,
+    Path,
+    Query,
+    Request,
+    Response,
+    WebSocket,
+    WebSocketDisconnect,
+)
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, Histogram, generate_latest
 
 from appliance import __version__
@@ -18,6 +32,7 @@ from appliance.api.schemas import (
     PredictionResult,
     ProductHealth,
 )
+from appliance.api.stream import Hub
 from appliance.candles import COINBASE_GRANULARITIES, parse_time
 from appliance.coinbase.messages import PRODUCT_PATTERN
 from appliance.inference import Inference
@@ -25,13 +40,14 @@ from appliance.ingest import Ingester
 from appliance.monitoring import scores
 from appliance.predictor import Predictor
 from appliance.settings import Settings
-from appliance.store import PredictionRow, Store
+from appliance.store import CandleRow, PredictionRow, Store
 
 LATENCY = Histogram(
     "cryptopi_http_request_seconds", "HTTP request latency by route", ["route"],
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )  # fmt: skip
 MAX_CANDLES = 1000
+STATIC = FsPath(__file__).parent / "static"
 ERRORS = {404: {"model": ErrorOut}, 422: {"model": ErrorOut}, 503: {"model": ErrorOut}}
 
 
@@ -42,6 +58,7 @@ class AppState:
     inference: Inference
     predictor: Predictor
     ingester: Ingester | None = None
+    hub: Hub = field(default_factory=Hub)
 
     def data_age_s(self, product: str) -> float | None:
         state = self.reader.ingest_state(product)
@@ -151,8 +168,7 @@ def create_app(state: AppState) -> FastAPI:
         rows = s.reader.series_rows(product, granularity, last=None if bounds else 48)
         lo, hi = bounds.get("start", -(2**62)), bounds.get("end", 2**62)
         picked = [r for r in rows if lo <= r.start < hi][-MAX_CANDLES:]
-        return [CandleOut(time=datetime.fromtimestamp(r.start, UTC), open=r.open, high=r.high, low=r.low,
-                          close=r.close, volume=r.volume) for r in picked]  # fmt: skip
+        return [candle_out(r) for r in picked]
 
     @app.get("/api/accuracy/{product}", response_model=list[AccuracyOut], responses=ERRORS)  # type: ignore[arg-type]
     async def accuracy(
@@ -171,11 +187,61 @@ def create_app(state: AppState) -> FastAPI:
             models = [model]
         return [AccuracyOut(**vars(a)) for a in scores(s.reader, product, models, window)]
 
+    @app.get("/", include_in_schema=False)
+    async def dashboard() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    @app.websocket("/api/stream")
+    async def stream(ws: WebSocket) -> None:
+        """A snapshot (latest predictions, recent candles), then every new candle and prediction."""
+        await ws.accept()
+        queue = state.hub.subscribe()
+        # Watch the socket as well as the queue: a client that leaves (or a server shutting down)
+        # must end this handler at once, not at the next event.
+        incoming = asyncio.ensure_future(ws.receive())
+        try:
+            await ws.send_json(snapshot(state))
+            while True:
+                event = asyncio.ensure_future(queue.get())
+                await asyncio.wait({event, incoming}, return_when=asyncio.FIRST_COMPLETED)
+                if incoming.done():
+                    event.cancel()
+                    if incoming.result()["type"] == "websocket.disconnect":
+                        return
+                    incoming = asyncio.ensure_future(ws.receive())  # clients have nothing to say: ignored
+                    if not event.cancelled() and event.done():
+                        await ws.send_json(event.result())
+                    continue
+                await ws.send_json(event.result())
+        except WebSocketDisconnect:
+            pass
+        finally:
+            incoming.cancel()
+            state.hub.unsubscribe(queue)
+
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+def candle_out(r: CandleRow) -> CandleOut:
+    return CandleOut(time=datetime.fromtimestamp(r.start, UTC), open=r.open, high=r.high, low=r.low,
+                     close=r.close, volume=r.volume)  # fmt: skip
+
+
+def snapshot(s: AppState) -> dict[str, Any]:
+    predictions = [
+        result(r, 0.8, s.data_age_s(p)) for p in s.settings.products for r in s.reader.latest_predictions(p)
+    ]
+    return {
+        "type": "snapshot",
+        "predictions": [p.model_dump(mode="json") for p in predictions],
+        "candles": {p: [candle_out(r).model_dump(mode="json") for r in s.reader.series_rows(p, 3600, last=48)]
+                    for p in s.settings.products},
+    }  # fmt: skip
 
 
 def result(row: PredictionRow, level: float, data_age_s: float | None) -> PredictionResult:
