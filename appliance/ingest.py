@@ -34,7 +34,7 @@ from appliance.store import Store
 log = logging.getLogger(__name__)
 
 #: Shortest spacing of minute-close commits during bursts (catch-up, replays).
-MIN_COMMIT_GAP_S = 0.05
+MIN_COMMIT_GAP_S = 0.02
 PRUNE_EVERY_S = 600.0
 REPORT_EVERY_S = 60.0
 
@@ -101,6 +101,7 @@ class Ingester:
                 cursor.last_time_us = state.last_trade_time_us
             self.cursors[product] = cursor
         self._last_commit = 0.0
+        self._commit_timer: asyncio.TimerHandle | None = None
         self._last_prune = 0.0
         self._last_report = (time.monotonic(), {p: c.last_trade_id for p, c in self.cursors.items()})
         self._ingested = {
@@ -195,12 +196,18 @@ class Ingester:
         self._ingested[c.product, via].inc()
 
     def _maybe_commit(self) -> None:
-        if time.monotonic() - self._last_commit >= MIN_COMMIT_GAP_S and any(
-            c.minute_closed for c in self.cursors.values()
-        ):
+        if not any(c.minute_closed for c in self.cursors.values()):
+            return
+        wait = self._last_commit + MIN_COMMIT_GAP_S - time.monotonic()
+        if wait <= 0:
             self.commit()
+        elif self._commit_timer is None:  # a closed minute never waits longer than the gap
+            self._commit_timer = asyncio.get_running_loop().call_later(wait, self.commit)
 
     def commit(self) -> None:
+        if self._commit_timer is not None:
+            self._commit_timer.cancel()
+            self._commit_timer = None
         committed = False
         for c in self.cursors.values():
             if not c.pending:

@@ -142,7 +142,11 @@ async def up(settings: Settings) -> None:
                 )
 
         predictor.listeners.append(to_stream)
-        app = create_app(AppState(settings, reader, inference, predictor, ingester, hub))
+        app_state = AppState(settings, reader, inference, predictor, ingester, hub)
+        for product in settings.products:
+            app_state.keep(store.latest_predictions(product))
+        predictor.listeners.append(app_state.keep)
+        app = create_app(app_state)
         server = uvicorn.Server(uvicorn.Config(
             app, host=settings.http_host, port=settings.http_port, log_config=None, access_log=False,
             lifespan="off",

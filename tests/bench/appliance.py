@@ -1,0 +1,206 @@
+"""Appliance benchmark: the real ``python -m appliance up`` fed by the replay server, with Mosquitto.
+
+Measured in one run: process start -> /health answering; /api/predict under 64 concurrent
+connections (wrk) beside the trivial /livez on the same server; bare ONNX Runtime time per model;
+candle close -> MQTT prediction received (the bench subscribes to the replay feed itself, so it sees
+the closing trade at the moment the appliance does); the appliance's RSS with both models for two
+products.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import websockets
+
+from appliance.candles import US
+from appliance.coinbase.messages import MatchMessage, parse_feed_frame
+from appliance.inference import load_models
+from appliance.registry import latest_versions
+from tests.conftest import BTC_1H, ETH_1H, REPO, Broker, MqttWatcher, free_port, replay_process
+
+TARGETS: dict[str, float] = {
+    "predict_vs_trivial_throughput": 0.8, "predict_p99_ms": 10.0, "candle_close_to_mqtt_p99_ms": 50.0,
+    "rss_mb": 200.0, "start_to_health_s": 3.0,
+}  # fmt: skip
+HIGHER_IS_BETTER = {"predict_vs_trivial_throughput"}
+PRODUCTS = ("BTC-USD", "ETH-USD")
+REPLAY = [
+    "--candles",
+    f"BTC-USD={BTC_1H}",
+    "--candles",
+    f"ETH-USD={ETH_1H}",
+    "--from",
+    "2026-03-20",
+    "--to",
+    "2026-05-01",
+    "--start-at",
+    "2026-04-20T00:30:00Z",
+    "--speed",
+    "1800",
+    "--heartbeat-s",
+    "0.5",
+]
+
+
+def wrk(url: str, seconds: int = 8) -> dict[str, float]:
+    out = subprocess.run(["wrk", "-t2", "-c64", f"-d{seconds}s", "--latency", url], capture_output=True,
+                         text=True, check=True).stdout  # fmt: skip
+
+    def ms(label: str) -> float:
+        value, unit = re.search(rf"^\s*{label}\s+([\d.]+)(us|ms|s)\s*$", out, re.M).groups()  # type: ignore[union-attr]
+        return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"requests_per_s": rps, "p50_ms": ms("50%"), "p99_ms": ms("99%"),
+            "non_2xx": float(errors.group(1)) if errors else 0.0}  # fmt: skip
+
+
+def onnx_times() -> dict[str, dict[str, float]]:
+    root = REPO / "appliance" / "models"
+    times = {}
+    for product, version in latest_versions(root).items():
+        loaded = load_models(root / version)
+        row = np.random.default_rng(0).normal(size=len(loaded.manifest.feature_spec.names))
+        for name, model in loaded.models.items():
+            samples = []
+            for _ in range(2000):
+                started = time.perf_counter()
+                model.log_return(row)
+                samples.append((time.perf_counter() - started) * 1e6)
+            times[f"{product}/{name}"] = {"median_us": statistics.median(samples),
+                                          "p99_us": float(np.percentile(samples, 99))}  # fmt: skip
+    return times
+
+
+async def watch_closes(ws_url: str, seconds: float) -> dict[tuple[str, int], float]:
+    """When (perf_counter) the replay broadcast each product's first trade of a new hour."""
+    closes: dict[tuple[str, int], float] = {}
+    last_hour: dict[str, int] = {}
+    async with websockets.connect(ws_url) as ws:
+        await ws.send(
+            json.dumps({"type": "subscribe", "product_ids": list(PRODUCTS), "channels": ["matches"]})
+        )
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                msg = parse_feed_frame(await asyncio.wait_for(ws.recv(), timeout=1))
+            except TimeoutError:
+                continue
+            if isinstance(msg, MatchMessage) and msg.type == "match":
+                hour = msg.trade().time_us // US // 3600 * 3600
+                if last_hour.get(msg.product_id, hour) < hour:
+                    closes[msg.product_id, hour] = time.perf_counter()  # candle `hour - 1h` just closed
+                last_hour[msg.product_id] = hour
+    return closes
+
+
+def run(out: Path) -> bool:
+    results: dict[str, object] = {}
+    with tempfile.TemporaryDirectory() as tmp, replay_process(REPLAY) as replay_port:
+        broker = Broker(Path(tmp))
+        broker.start()
+        port = free_port()
+        env = os.environ | {
+            "CRYPTOPI_DATA_DIR": tmp, "CRYPTOPI_HTTP_HOST": "127.0.0.1", "CRYPTOPI_HTTP_PORT": str(port),
+            "CRYPTOPI_MQTT_URL": broker.url, "CRYPTOPI_LOG_LEVEL": "WARNING",
+            "CRYPTOPI_COINBASE_WS_URL": f"ws://127.0.0.1:{replay_port}",
+            "CRYPTOPI_COINBASE_REST_URL": f"http://127.0.0.1:{replay_port}",
+        }  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        started = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "appliance", "up"], env=env, cwd=REPO)
+        try:
+            while True:
+                try:
+                    if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.01)
+            results["start_to_health_s"] = time.perf_counter() - started
+            while not all(
+                p["prediction"] == "ok" for p in httpx.get(f"{url}/health").json()["products"].values()
+            ):
+                time.sleep(0.05)
+            results["start_to_first_predictions_s"] = time.perf_counter() - started
+
+            # Candle close -> MQTT: both the bench and the appliance subscribe to the same replay.
+            watcher = MqttWatcher(broker.port, [f"cryptopi/cryptopi/{p.lower()}/cnn" for p in PRODUCTS])
+            received: dict[tuple[str, int], float] = {}
+
+            def on_message(client: object, userdata: object, msg: object) -> None:
+                body = json.loads(msg.payload)  # type: ignore[attr-defined]
+                received.setdefault((body["product"], body["as_of"]), time.perf_counter())
+
+            watcher.client.on_message = on_message
+            closes = asyncio.run(watch_closes(f"ws://127.0.0.1:{replay_port}", 30))
+            time.sleep(0.5)
+            watcher.close()
+            delays = sorted((received[k] - t) * 1000 for k, t in closes.items() if k in received)
+            results["candle_close_to_mqtt_ms"] = {
+                "samples": len(delays), "p50": statistics.median(delays),
+                "p99": float(np.percentile(delays, 99)), "max": max(delays),
+            }  # fmt: skip
+
+            trivial = wrk(f"{url}/livez")
+            predict = wrk(f"{url}/api/predict?product=BTC-USD&model=cnn")
+            results["http"] = {"livez": trivial, "api_predict": predict}
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            rss = {k: int(re.search(rf"^{k}:\s+(\d+)", status, re.M).group(1)) / 1024  # type: ignore[union-attr]
+                   for k in ("VmRSS", "VmHWM")}  # fmt: skip
+            results["rss_mb"] = rss
+        finally:
+            proc.terminate()
+            proc.wait(20)
+            broker.stop()
+    results["onnx_runtime_per_model"] = onnx_times()
+
+    measured = {
+        "predict_vs_trivial_throughput": predict["requests_per_s"] / trivial["requests_per_s"],
+        "predict_p99_ms": predict["p99_ms"],
+        "candle_close_to_mqtt_p99_ms": results["candle_close_to_mqtt_ms"]["p99"],  # type: ignore[index]
+        "rss_mb": rss["VmHWM"],
+        "start_to_health_s": results["start_to_health_s"],
+    }
+    met = {k: v >= TARGETS[k] if k in HIGHER_IS_BETTER else v <= TARGETS[k] for k, v in measured.items()}
+    results["targets"] = {k: {"target": TARGETS[k], "measured": measured[k], "met": met[k]} for k in TARGETS}
+    (out / "appliance.json").write_text(json.dumps(results, indent=2) + "\n")
+
+    print(
+        f"GET /livez        {trivial['requests_per_s']:>8,.0f} req/s  p50 {trivial['p50_ms']:.2f} ms  "
+        f"p99 {trivial['p99_ms']:.2f} ms (64 connections)"
+    )
+    print(
+        f"GET /api/predict  {predict['requests_per_s']:>8,.0f} req/s  p50 {predict['p50_ms']:.2f} ms  "
+        f"p99 {predict['p99_ms']:.2f} ms (64 connections)"
+    )
+    for name, t in results["onnx_runtime_per_model"].items():  # type: ignore[attr-defined]
+        print(f"onnx {name:<16} median {t['median_us']:.0f} us  p99 {t['p99_us']:.0f} us")
+    c = results["candle_close_to_mqtt_ms"]
+    print(f"candle close -> MQTT  p50 {c['p50']:.1f} ms  p99 {c['p99']:.1f} ms  ({c['samples']} closes)")  # type: ignore[index]
+    print(f"start -> first predictions {results['start_to_first_predictions_s']:.2f} s")
+    for key, label, fmt, op in [
+        ("predict_vs_trivial_throughput", "predict / trivial", "{:.0%}", ">="),
+        ("predict_p99_ms", "predict p99", "{:.2f} ms", "<="),
+        ("candle_close_to_mqtt_p99_ms", "close -> MQTT p99", "{:.1f} ms", "<="),
+        ("rss_mb", "appliance peak RSS", "{:.0f} MB", "<="),
+        ("start_to_health_s", "start -> /health", "{:.2f} s", "<="),
+    ]:
+        print(
+            f"{'ok  ' if met[key] else 'MISS'} {label:<20} {fmt.format(measured[key]):>10}   "
+            f"target {op} {fmt.format(TARGETS[key])}"
+        )
+    print(f"results: {out / 'appliance.json'}")
+    return all(met.values())
