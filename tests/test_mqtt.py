@@ -85,7 +85,8 @@ def test_predictions_are_retained_with_availability_and_discovery(
     watcher = MqttWatcher(broker.port, ["cryptopi/#", "homeassistant/#"])
     try:
         watcher.wait(lambda: len([t for t in watcher.last if t.endswith("/config")]) == 4
-                     and "cryptopi/pi-test/btc-usd/cnn" in watcher.last, 10, "retained messages")  # fmt: skip
+                     and {"cryptopi/pi-test/btc-usd/cnn", "cryptopi/pi-test/status"} <= set(watcher.last),
+                     10, "retained messages")  # fmt: skip
         assert watcher.last["cryptopi/pi-test/status"] == b"online"
         state = json.loads(watcher.last["cryptopi/pi-test/btc-usd/cnn"])
         assert state["predicted_close"] == 100_100.0

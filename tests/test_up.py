@@ -187,9 +187,10 @@ def test_mqtt_carries_the_prediction_the_api_serves(appliance) -> None:
     url, _, _, broker = appliance
     watcher = MqttWatcher(broker.port, ["cryptopi/#", "homeassistant/#"])
     try:
-        watcher.wait(lambda: "cryptopi/cryptopi/btc-usd/cnn" in watcher.last, 10, "a retained prediction")
+        wanted = {"cryptopi/cryptopi/btc-usd/cnn", "cryptopi/cryptopi/status",
+                  "homeassistant/sensor/cryptopi_cryptopi/eth-usd_lasso/config"}  # fmt: skip
+        watcher.wait(lambda: wanted <= set(watcher.last), 10, "retained prediction, status and discovery")
         assert watcher.last["cryptopi/cryptopi/status"] == b"online"
-        assert "homeassistant/sensor/cryptopi_cryptopi/eth-usd_lasso/config" in watcher.last
         api = httpx.get(f"{url}/api/predict", params={"product": "BTC-USD", "model": "cnn"}).json()
         watcher.wait(lambda: json.loads(watcher.last["cryptopi/cryptopi/btc-usd/cnn"])["as_of"]
                      >= parse_time(api["as_of"]), 10, "the API's prediction on MQTT")  # fmt: skip
