@@ -45,6 +45,13 @@ MONTH_TAPE_ARGS = ["--candles", f"BTC-USD={BTC_1H}", "--candles", f"ETH-USD={ETH
                    "--from", "2025-09-01", "--to", "2025-10-01"]  # fmt: skip
 
 
+#: A live-looking market for the appliance: spring 2026, both products, an hour of market every 2 s,
+#: starting mid-hour (so ingest begins with a partial candle, as it does for real).
+LIVE_MARKET_ARGS = ["--candles", f"BTC-USD={BTC_1H}", "--candles", f"ETH-USD={ETH_1H}",
+                    "--from", "2026-03-20", "--to", "2026-05-01", "--start-at", "2026-04-20T00:30:00Z",
+                    "--speed", "1800", "--heartbeat-s", "0.2"]  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def month_tape() -> list[Trade]:
     """Both products' real hourly candles for September 2025, as trades that rebuild them."""

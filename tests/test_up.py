@@ -20,31 +20,23 @@ from appliance.coinbase.tape import read_candle_csv
 from appliance.features import WINDOW, CandleSeries
 from appliance.inference import Inference
 from appliance.store import Store
-from tests.conftest import BTC_1H, ETH_1H, REPO, Broker, MqttWatcher, free_port, replay_process
-
-REPLAY = [
-    "--candles",
-    f"BTC-USD={BTC_1H}",
-    "--candles",
-    f"ETH-USD={ETH_1H}",
-    "--from",
-    "2026-03-20",
-    "--to",
-    "2026-05-01",
-    "--start-at",
-    "2026-04-20T00:30:00Z",
-    "--speed",
-    "1800",
-    "--heartbeat-s",
-    "0.2",
-]
+from tests.conftest import (
+    BTC_1H,
+    ETH_1H,
+    LIVE_MARKET_ARGS,
+    REPO,
+    Broker,
+    MqttWatcher,
+    free_port,
+    replay_process,
+)
 
 
 @contextlib.contextmanager
 def running_up(data: Path, broker: Broker) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """Replay server + Mosquitto + ``python -m appliance up``, until every product has a prediction."""
     port = free_port()
-    with replay_process(REPLAY) as replay_port:
+    with replay_process(LIVE_MARKET_ARGS) as replay_port:
         env = os.environ | {
             "CRYPTOPI_DATA_DIR": str(data), "CRYPTOPI_HTTP_HOST": "127.0.0.1",
             "CRYPTOPI_HTTP_PORT": str(port), "CRYPTOPI_MQTT_URL": broker.url,

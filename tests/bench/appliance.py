@@ -28,7 +28,14 @@ from appliance.candles import US
 from appliance.coinbase.messages import MatchMessage, parse_feed_frame
 from appliance.inference import load_models
 from appliance.registry import latest_versions
-from tests.conftest import BTC_1H, ETH_1H, REPO, Broker, MqttWatcher, free_port, replay_process
+from tests.conftest import (
+    LIVE_MARKET_ARGS,
+    REPO,
+    Broker,
+    MqttWatcher,
+    free_port,
+    replay_process,
+)
 
 TARGETS: dict[str, float] = {
     "predict_vs_trivial_throughput": 0.8, "predict_p99_ms": 10.0, "candle_close_to_mqtt_p99_ms": 50.0,
@@ -36,22 +43,6 @@ TARGETS: dict[str, float] = {
 }  # fmt: skip
 HIGHER_IS_BETTER = {"predict_vs_trivial_throughput"}
 PRODUCTS = ("BTC-USD", "ETH-USD")
-REPLAY = [
-    "--candles",
-    f"BTC-USD={BTC_1H}",
-    "--candles",
-    f"ETH-USD={ETH_1H}",
-    "--from",
-    "2026-03-20",
-    "--to",
-    "2026-05-01",
-    "--start-at",
-    "2026-04-20T00:30:00Z",
-    "--speed",
-    "1800",
-    "--heartbeat-s",
-    "0.5",
-]
 
 
 def wrk(url: str, seconds: int = 8) -> dict[str, float]:
@@ -109,7 +100,7 @@ async def watch_closes(ws_url: str, seconds: float) -> dict[tuple[str, int], flo
 
 def run(out: Path) -> bool:
     results: dict[str, object] = {}
-    with tempfile.TemporaryDirectory() as tmp, replay_process(REPLAY) as replay_port:
+    with tempfile.TemporaryDirectory() as tmp, replay_process(LIVE_MARKET_ARGS) as replay_port:
         broker = Broker(Path(tmp))
         broker.start()
         port = free_port()
