@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 import sys
+import time
 from collections.abc import Coroutine, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -73,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="start", type=cli_time, help="first tape time used")
     p.add_argument("--to", dest="end", type=cli_time, help="tape time where the tape stops")
     p.add_argument("--start-at", type=cli_time, help="market clock at start: earlier trades have happened")
+    p.add_argument(
+        "--at-now",
+        action="store_true",
+        help="move the tape (by whole hours) so that the market clock starts at the present",
+    )
     p.add_argument("--trades-per-candle", type=_range, default=(4, 10), metavar="MIN,MAX")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8765)
@@ -123,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "replay":
         from appliance.coinbase.replay import Faults, ReplayServer, serve_forever
-        from appliance.coinbase.tape import CandleCsvError, load_tape
+        from appliance.coinbase.tape import CandleCsvError, load_tape, shift_tape
 
         if not args.capture and not args.candles:
             print("replay needs at least one --capture or --candles source", file=sys.stderr)
@@ -140,6 +146,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (OSError, CandleCsvError, ValueError) as exc:
             print(f"cannot build the tape: {exc}", file=sys.stderr)
             return 2
+        start_at = args.start_at
+        if args.at_now:  # a demo that reads like a live appliance: fresh data, real prices
+            anchor = start_at if start_at is not None else min(t.time_us for t in trades) // US
+            offset = (int(time.time()) - anchor) // 3600 * 3600
+            trades = shift_tape(trades, offset)
+            start_at = anchor + offset
         faults = Faults(
             args.drop_every,
             args.silence_every,
@@ -154,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             server = ReplayServer(
                 trades,
                 speed=args.speed,
-                start_at_us=args.start_at * US if args.start_at else None,
+                start_at_us=start_at * US if start_at else None,
                 heartbeat_s=args.heartbeat_s,
                 faults=faults,
                 rest_rate_limit=args.rest_rate_limit,

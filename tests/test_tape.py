@@ -1,12 +1,14 @@
 """Candle tapes rebuild the real candles exactly; captures give the real trades."""
 
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
-from appliance.candles import aggregate
-from appliance.coinbase.tape import CandleCsvError, infer_granularity, load_tape, read_candle_csv
-from tests.conftest import BTC_1H, BTC_1M, SEPT_2025
+from appliance.candles import aggregate, parse_time
+from appliance.coinbase.tape import CandleCsvError, infer_granularity, load_tape, read_candle_csv, shift_tape
+from tests.conftest import BTC_1H, BTC_1M, SEPT_2025, replay_process
 
 
 @pytest.mark.parametrize(("path", "span"), [(BTC_1H, SEPT_2025), (BTC_1M, (1606070760, 1606157160))])
@@ -65,3 +67,21 @@ def test_bad_candle_csv_names_file_line_and_problem(tmp_path: Path, content: str
     path.write_text(content)
     with pytest.raises(CandleCsvError, match=message):
         list(read_candle_csv(path, 3600))
+
+
+def test_a_moved_tape_keeps_every_candle() -> None:
+    trades = load_tape(candles=[("BTC-USD", BTC_1H)], start=SEPT_2025[0], end=SEPT_2025[0] + 86400)
+    moved = shift_tape(trades, 425 * 86400 + 7 * 3600)
+    before, after = aggregate(trades, 3600), aggregate(moved, 3600)
+    assert [c for _, c in sorted(before.items())] == [c for _, c in sorted(after.items())]
+    assert min(s for _, s in after) == SEPT_2025[0] + 425 * 86400 + 7 * 3600
+    with pytest.raises(ValueError, match="whole hours"):
+        shift_tape(trades, 1800)
+
+
+def test_replay_at_now_starts_the_market_clock_at_the_present() -> None:
+    with replay_process(["--candles", f"BTC-USD={BTC_1H}", "--from", "2026-04-01", "--start-at", "2026-04-20",
+                         "--at-now"]) as port:  # fmt: skip
+        status = httpx.get(f"http://127.0.0.1:{port}/replay/status").json()
+    clock = parse_time(status["clock"].split(".")[0] + "Z")
+    assert 0 <= time.time() - clock < 3600

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import random
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import ROUND_HALF_EVEN, Decimal
 from itertools import pairwise
 from pathlib import Path
@@ -205,3 +205,10 @@ def load_tape(
         raise ValueError("two sources give the same product the same trade ids; use one source per product")
     lo, hi = (start or 0) * US, (end or 2**40) * US
     return [t for t in trades if lo <= t.time_us < hi]
+
+
+def shift_tape(trades: Sequence[Trade], seconds: int) -> list[Trade]:
+    """The same market moved in time (by whole hours, so every candle keeps its shape)."""
+    if seconds % 3600:
+        raise ValueError("a tape moves by whole hours")
+    return [replace(t, time_us=t.time_us + seconds * US) for t in trades]
