@@ -49,7 +49,6 @@ class ProductCursor:
     last_trade_id: int | None = None
     last_time_us: int = 0
     pending: dict[tuple[int, int], Candle] = field(default_factory=dict)
-    pending_trades: int = 0
     minute_closed: bool = False
 
     def apply(self, trade: Trade) -> None:
@@ -69,7 +68,6 @@ class ProductCursor:
                 self.pending[key] = Candle.of(trade)
             else:
                 candle.add(trade)
-        self.pending_trades += 1
 
 
 class Ingester:
@@ -224,7 +222,6 @@ class Ingester:
             )
             LAST_TRADE_TIME.labels(c.product).set(c.last_time_us / 1e6)
             c.pending = {}
-            c.pending_trades = 0
             c.minute_closed = False
             committed = True
         self._last_commit = time.monotonic()

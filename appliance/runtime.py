@@ -49,12 +49,8 @@ def live_candles(store: Store, products: tuple[str, ...]) -> list[dict[str, Any]
     return events
 
 
-def missing_hours(store: Store, product: str) -> tuple[int, int] | None:
-    """The span of closed hours the models need that the store lacks, or None when it is whole."""
-    state = store.ingest_state(product)
-    if state is None:
-        return None
-    open_hour = state.last_trade_time_us // US // HOUR * HOUR
+def missing_hours(store: Store, product: str, open_hour: int) -> tuple[int, int] | None:
+    """The span of closed hours before ``open_hour`` the models need that the store lacks, if any."""
     needed = set(range(open_hour - WINDOW * HOUR, open_hour, HOUR))
     have = {r.start for r in store.series_rows(product, HOUR, last=WINDOW + 1)}
     holes = needed - have
@@ -78,7 +74,7 @@ async def keep_history(
             if state is None or checked.get(product) == (hour := state.last_trade_time_us // US // HOUR):
                 continue
             checked[product] = hour
-            span = missing_hours(store, product)
+            span = missing_hours(store, product, hour * HOUR)
             if span is None:
                 continue
             start = min(span[0], hour * HOUR - settings.history_days * 86_400)

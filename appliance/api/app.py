@@ -110,7 +110,7 @@ def create_app(state: AppState) -> FastAPI:
             missing = s.predictor.missing.get(product)
             products[product] = ProductHealth(
                 data_age_s=s.data_age_s(product), model_version=loaded.manifest.version if loaded else None,
-                models=sorted(loaded.models) if loaded else [], prediction=missing or "ok",
+                models=s.inference.models_of(product), prediction=missing or "ok",
             )  # fmt: skip
         connected = bool(s.ingester and s.ingester.feed.connected)
         ok = connected and all(p.prediction == "ok" for p in products.values())
