@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import uvloop
+
 from appliance.candles import US, parse_time
 
 log = logging.getLogger("appliance")
@@ -97,20 +99,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(coro: Coroutine[Any, Any, Any]) -> Any:
-    """Run until done, SIGINT or SIGTERM; a signal cancels the work so its cleanup runs."""
+    """Run on uvloop (cheaper I/O than asyncio's own loop) until done, SIGINT or SIGTERM.
+
+    The first signal cancels the work so its cleanup runs; later ones (a second Ctrl-C, or uvicorn
+    re-raising the signal it also saw) must not cancel that cleanup half-way.
+    """
 
     async def main() -> Any:
         task = asyncio.ensure_future(coro)
         loop = asyncio.get_running_loop()
+
+        def stop() -> None:
+            if not task.cancelling():
+                task.cancel()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, task.cancel)
+            loop.add_signal_handler(sig, stop)
         try:
             return await task
         except asyncio.CancelledError:
             log.info("stopped by signal")
             return None
 
-    return asyncio.run(main())
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,11 +4,11 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 from pathlib import Path as FsPath
 from typing import Annotated, Any
 
 from fastapi import (
-    Depends,
     FastAPI,
     HTTPException,
     Path,
@@ -21,6 +21,7 @@ from fastapi import (
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, Histogram, generate_latest
+from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from appliance import __version__
@@ -31,7 +32,9 @@ from appliance.api.schemas import (
     Health,
     Interval,
     PredictionResult,
+    PredictQuery,
     ProductHealth,
+    query_parameters,
 )
 from appliance.api.stream import Hub
 from appliance.candles import COINBASE_GRANULARITIES, parse_time
@@ -77,19 +80,18 @@ class AppState:
         return round(time.time() - last_us / 1e6, 3) if last_us else None
 
 
-def get_state(request: Request) -> AppState:
-    state: AppState = request.app.state.cryptopi
-    return state
-
-
-State = Annotated[AppState, Depends(get_state)]
 ProductPath = Annotated[str, Path(pattern=PRODUCT_PATTERN, examples=["BTC-USD"])]
 
 
 def create_app(state: AppState) -> FastAPI:
-    app = FastAPI(title="cryptopi", version=__version__,
-                  description="Next-candle BTC-USD / ETH-USD predictions from a Raspberry Pi.")  # fmt: skip
-    app.state.cryptopi = state
+    app = FastAPI(
+        title="cryptopi",
+        version=__version__,
+        description="Next-candle BTC-USD / ETH-USD predictions from a Raspberry Pi.",
+        # Prometheus at /metrics is the appliance's telemetry; FastAPI's OpenTelemetry hooks would only
+        # cost every request a few provider look-ups.
+        telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
+    )
 
     def known(product: str) -> str:
         if product not in state.settings.products:
@@ -103,30 +105,40 @@ def create_app(state: AppState) -> FastAPI:
         return {"alive": True}
 
     @app.get("/health", response_model=Health)
-    async def health(s: State) -> Health:
+    async def health() -> Health:
         products = {}
-        for product in s.settings.products:
-            loaded = s.inference.serving.get(product)
-            missing = s.predictor.missing.get(product)
+        for product in state.settings.products:
+            loaded = state.inference.serving.get(product)
+            missing = state.predictor.missing.get(product)
             products[product] = ProductHealth(
-                data_age_s=s.data_age_s(product), model_version=loaded.manifest.version if loaded else None,
-                models=s.inference.models_of(product), prediction=missing or "ok",
-            )  # fmt: skip
-        connected = bool(s.ingester and s.ingester.feed.connected)
+                data_age_s=state.data_age_s(product),
+                model_version=loaded.manifest.version if loaded else None,
+                models=state.inference.models_of(product),
+                prediction=missing or "ok",
+            )
+        connected = bool(state.ingester and state.ingester.feed.connected)
         ok = connected and all(p.prediction == "ok" for p in products.values())
         return Health(status="ok" if ok else "degraded", version=__version__, ingest_connected=connected,
                       products=products)  # fmt: skip
 
-    @app.get("/api/predict", response_model=PredictionResult, responses=ERRORS)  # type: ignore[arg-type]
-    async def predict(
-        s: State,
-        product: Annotated[str, Query(pattern=PRODUCT_PATTERN, examples=["BTC-USD"])],
-        model: Annotated[str, Query(pattern=r"^[a-z0-9_]{1,32}$")] = "cnn",
-        at: Annotated[
-            str | None, Query(description="ISO-8601, epoch seconds or 'now' (default: latest)")
-        ] = None,
-        level: Annotated[float, Query(description="Interval level: 0.8 or 0.95")] = 0.8,
-    ) -> PredictionResult:
+    @app.get(
+        "/api/predict",
+        response_model=PredictionResult,
+        responses=ERRORS,  # type: ignore[arg-type]
+        openapi_extra={"parameters": query_parameters(PredictQuery)},
+    )
+    async def predict(request: Request) -> Response:
+        """The newest kept prediction, or the one in force at ``at``.
+
+        The hot path of the appliance: the query is validated in one pydantic call (FastAPI's
+        per-parameter machinery costs more than everything else here) and the body is rendered once
+        per prediction; only ``data_age_s`` is written per request.
+        """
+        try:
+            query = PredictQuery.model_validate(request.query_params)
+        except ValidationError as exc:
+            raise HTTPException(422, validation_message(exc)) from None
+        product, model, at, level = query.product, query.model, query.at, query.level
         known(product)
         if level not in (0.8, 0.95):
             raise HTTPException(422, f"level must be 0.8 or 0.95, not {level}")
@@ -136,30 +148,29 @@ def create_app(state: AppState) -> FastAPI:
                 when = parse_time(at)
             except ValueError as exc:
                 raise HTTPException(422, f"at: {exc}") from None
-        names = s.inference.models_of(product)
+        names = state.inference.models_of(product)
         if model not in names:
             raise HTTPException(
                 404, f"no model {model} for {product}; models: {', '.join(names) or 'none loaded'}"
             )
-        kept = s.latest.get((product, model)) if when is None else None
-        rows = [kept] if kept else s.reader.predictions(product, model=model, at=when, limit=1)
+        kept = state.latest.get((product, model)) if when is None else None
+        rows = [kept] if kept else state.reader.predictions(product, model=model, at=when, limit=1)
         if not rows:
             if when is not None:
                 raise HTTPException(404, f"no {product} {model} prediction at or before {at}")
-            raise HTTPException(503, f"no {product} prediction yet: {s.predictor.missing.get(product)}")
-        # Serialised here, not validated again on the way out (the model already guarantees the shape).
-        body = result(rows[0], level, s.data_age_s(product)).model_dump_json()
-        return Response(body, media_type="application/json")  # type: ignore[return-value]
+            raise HTTPException(503, f"no {product} prediction yet: {state.predictor.missing.get(product)}")
+        age = state.data_age_s(product)
+        body = rendered(rows[0], level) + (b"null}" if age is None else f"{age}}}".encode())
+        return Response(body, media_type="application/json")
 
     @app.get("/api/predictions/{product}", response_model=list[PredictionResult], responses=ERRORS)  # type: ignore[arg-type]
-    async def predictions(s: State, product: ProductPath) -> list[PredictionResult]:
+    async def predictions(product: ProductPath) -> list[PredictionResult]:
         known(product)
-        age = s.data_age_s(product)
-        return [result(r, 0.8, age) for r in s.reader.latest_predictions(product)]
+        age = state.data_age_s(product)
+        return [result(r, 0.8, age) for r in state.reader.latest_predictions(product)]
 
     @app.get("/api/candles/{product}", response_model=list[CandleOut], responses=ERRORS)  # type: ignore[arg-type]
     async def candles(
-        s: State,
         product: ProductPath,
         granularity: Annotated[int, Query(description=f"One of {COINBASE_GRANULARITIES}")] = 3600,
         start: Annotated[str | None, Query(description="ISO-8601 or epoch seconds")] = None,
@@ -177,27 +188,26 @@ def create_app(state: AppState) -> FastAPI:
                     bounds[name] = parse_time(value)
                 except ValueError as exc:
                     raise HTTPException(422, f"{name}: {exc}") from None
-        rows = s.reader.series_rows(product, granularity, last=None if bounds else 48)
+        rows = state.reader.series_rows(product, granularity, last=None if bounds else 48)
         lo, hi = bounds.get("start", -(2**62)), bounds.get("end", 2**62)
         picked = [r for r in rows if lo <= r.start < hi][-MAX_CANDLES:]
         return [candle_out(r) for r in picked]
 
     @app.get("/api/accuracy/{product}", response_model=list[AccuracyOut], responses=ERRORS)  # type: ignore[arg-type]
     async def accuracy(
-        s: State,
         product: ProductPath,
         model: Annotated[str | None, Query(pattern=r"^[a-z0-9_]{1,32}$")] = None,
         window: Annotated[int, Query(ge=1, le=10_000, description="Newest predictions scored")] = 168,
     ) -> list[AccuracyOut]:
         known(product)
-        models = s.inference.models_of(product)
+        models = state.inference.models_of(product)
         if model is not None:
             if model not in models:
                 raise HTTPException(
                     404, f"no model {model} for {product}; models: {', '.join(models) or 'none'}"
                 )
             models = [model]
-        return [AccuracyOut(**vars(a)) for a in scores(s.reader, product, models, window)]
+        return [AccuracyOut(**vars(a)) for a in scores(state.reader, product, models, window)]
 
     @app.get("/", include_in_schema=False)
     async def dashboard() -> FileResponse:
@@ -275,6 +285,19 @@ def snapshot(s: AppState) -> dict[str, Any]:
         "candles": {p: [candle_out(r).model_dump(mode="json") for r in s.reader.series_rows(p, 3600, last=48)]
                     for p in s.settings.products},
     }  # fmt: skip
+
+
+@lru_cache(maxsize=64)
+def rendered(row: PredictionRow, level: float) -> bytes:
+    """A prediction's JSON up to its last field, ``data_age_s``, which changes with every request."""
+    body = result(row, level, None).model_dump_json(exclude={"data_age_s"})
+    return f'{body[:-1]},"data_age_s":'.encode()
+
+
+def validation_message(exc: ValidationError) -> str:
+    """'field: what is wrong' for the first error, so a client sees which parameter to fix."""
+    error = exc.errors()[0]
+    return f"{'.'.join(map(str, error['loc'])) or 'query'}: {error['msg']}"
 
 
 def result(row: PredictionRow, level: float, data_age_s: float | None) -> PredictionResult:

@@ -3,15 +3,34 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
+
+from appliance.coinbase.messages import PRODUCT_PATTERN
 
 
 class Interval(BaseModel):
     lower: float
     upper: float
     level: float = Field(description="Share of outcomes the interval is calibrated to contain")
+
+
+class PredictQuery(BaseModel):
+    product: str = Field(pattern=PRODUCT_PATTERN, examples=["BTC-USD"])
+    model: str = Field("cnn", pattern=r"^[a-z0-9_]{1,32}$")
+    at: str | None = Field(None, description="ISO-8601, epoch seconds or 'now' (default: latest)")
+    level: float = Field(0.8, description="Interval level: 0.8 or 0.95")
+
+
+def query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
+    """OpenAPI query parameters from a model, for routes that validate their query themselves."""
+    schema = model.model_json_schema()
+    return [
+        {"name": name, "in": "query", "required": name in schema.get("required", ()), "schema": field}
+        | ({"description": field["description"]} if "description" in field else {})
+        for name, field in schema["properties"].items()
+    ]
 
 
 class PredictionResult(BaseModel):
@@ -24,8 +43,8 @@ class PredictionResult(BaseModel):
     predicted_close: float
     interval: Interval
     last_close: float
-    data_age_s: float | None = Field(description="Seconds since the newest trade the appliance holds")
     realized_close: float | None = Field(None, description="Set once the predicted candle has closed")
+    data_age_s: float | None = Field(description="Seconds since the newest trade the appliance holds")
 
 
 class CandleOut(BaseModel):
