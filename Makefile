@@ -25,7 +25,7 @@ $(UV):
 	python3 -m pip install --user --break-system-packages uv 2>/dev/null || python3 -m pip install --user uv
 
 setup: $(UV)  ## create .venv from the lock: runtime, dev tools and the training stack
-	$(UV) sync --locked --extra dev --extra training
+	$(UV) sync --locked --extra dev --extra training --extra webhook
 
 run: $(UV)  ## run the appliance against the live Coinbase feed: API on :8000 (CRYPTOPI_* settings)
 	$(APP) python -m appliance up
@@ -51,7 +51,7 @@ fmt: setup  ## apply ruff's fixes and formatting
 	$(DEV) ruff format .
 
 # Services the tests run for real (started by the tests themselves, on loopback).
-TEST_PACKAGES := mosquitto chromium
+TEST_PACKAGES := mosquitto chromium docker.io docker-registry debootstrap shellcheck systemd
 
 test-deps:  ## install the system packages the tests need (Debian)
 	@missing=$$(for p in $(TEST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
