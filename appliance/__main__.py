@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("up", help="the appliance: ingest, predictions and the HTTP API (CRYPTOPI_* settings)")
     sub.add_parser("ingest", help="ingest live Coinbase trades into the store (CRYPTOPI_* settings)")
+    sub.add_parser("healthcheck", help="exit 0 if the running appliance answers /health (container check)")
 
     p = sub.add_parser("backfill", help="load Coinbase REST candles into the store")
     p.add_argument("--product", required=True)
@@ -132,6 +133,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     settings = load_settings()
     setup_logging(settings.log_level, settings.log_format)
+
+    if args.command == "healthcheck":
+        import httpx
+
+        host = "127.0.0.1" if settings.http_host in ("0.0.0.0", "::") else settings.http_host
+        try:
+            httpx.get(f"http://{host}:{settings.http_port}/health", timeout=5).raise_for_status()
+        except httpx.HTTPError as exc:
+            print(f"unhealthy: {exc}", file=sys.stderr)
+            return 1
+        return 0
 
     if args.command == "up":
         from appliance.runtime import up

@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     commit_interval_s: float = Field(1.0, gt=0, description="Longest time trades wait uncommitted")
     http_host: str = Field("0.0.0.0", description="Address the API and dashboard listen on")
     http_port: int = Field(8000, ge=1, le=65535)
+    build: str = Field("dev", max_length=100, description="Version and commit (set by the image)")
     models_dir: Path = Field(MODELS_DIR, description="Model registry (default: the models shipped inside)")
     history_days: int = Field(3, ge=2, le=300, description="Hourly history back-filled on first start")
     mqtt_url: str | None = Field(

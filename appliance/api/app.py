@@ -118,8 +118,8 @@ def create_app(state: AppState) -> FastAPI:
             )
         connected = bool(state.ingester and state.ingester.feed.connected)
         ok = connected and all(p.prediction == "ok" for p in products.values())
-        return Health(status="ok" if ok else "degraded", version=__version__, ingest_connected=connected,
-                      products=products)  # fmt: skip
+        return Health(status="ok" if ok else "degraded", version=__version__, build=state.settings.build,
+                      ingest_connected=connected, products=products)  # fmt: skip
 
     @app.get(
         "/api/predict",

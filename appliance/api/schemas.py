@@ -66,6 +66,7 @@ class ProductHealth(BaseModel):
 class Health(BaseModel):
     status: Literal["ok", "degraded"]
     version: str
+    build: str = Field(description="Image build: version and commit ('dev' outside an image)")
     ingest_connected: bool
     products: dict[str, ProductHealth]
 
