@@ -93,11 +93,12 @@ def _check_url(value: str, schemes: tuple[str, ...]) -> str:
 class ConfigError(SystemExit):
     """Bad configuration: exits with status 2 and a message naming each bad variable."""
 
-    def __init__(self, exc: ValidationError) -> None:
+    def __init__(self, exc: ValidationError, prefix: str = "CRYPTOPI_") -> None:
         lines = []
         for err in exc.errors(include_url=False):
             field = str(err["loc"][0]) if err["loc"] else "?"
-            lines.append(f"  CRYPTOPI_{field.upper()}: {err['msg']} (got {str(err.get('input'))[:60]!r})")
+            shown = "(secret)" if "token" in field else repr(str(err.get("input"))[:60])
+            lines.append(f"  {prefix}{field.upper()}: {err['msg']} (got {shown})")
         print("invalid configuration:\n" + "\n".join(lines), flush=True)
         super().__init__(2)
 

@@ -1,0 +1,145 @@
+"""One deploy at a time: pushes that arrive meanwhile join a single follow-up deploy.
+
+A deploy pulls the image compose names, records what was running, recreates the service, and waits
+for the container's health check. If the new container is not healthy in time, the previous image
+is put back and must turn healthy again. Every step is written to the records as it happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+from urllib.parse import unquote, urlsplit
+
+from paho.mqtt import publish
+from prometheus_client import Counter, Histogram
+
+from webhook.engine import DeployError, ImageInfo
+from webhook.records import Deployment, Records
+
+if TYPE_CHECKING:
+    from paho.mqtt.publish import AuthParameter
+
+log = logging.getLogger(__name__)
+
+DEPLOYS = Counter("cryptopi_webhook_deployments_total", "Deployments by how they ended", ["state"])
+DEPLOY_SECONDS = Histogram("cryptopi_webhook_deploy_seconds", "Time from start to end of a deployment",
+                           buckets=(5, 10, 20, 30, 60, 120, 300, 600))  # fmt: skip
+
+
+class DockerSide(Protocol):
+    def image_reference(self) -> str: ...
+    def pull(self, reference: str) -> ImageInfo: ...
+    def running(self) -> ImageInfo | None: ...
+    def retag(self, image_id: str, reference: str) -> None: ...
+    def recreate(self) -> None: ...
+    def wait_healthy(self, timeout_s: float) -> None: ...
+
+
+class Deployer:
+    def __init__(
+        self,
+        engine: DockerSide,
+        records: Records,
+        health_timeout_s: float,
+        notify: Callable[[Deployment], None] = lambda d: None,
+    ) -> None:
+        self.engine = engine
+        self.records = records
+        self.health_timeout_s = health_timeout_s
+        self.notify = notify
+        self._wake = asyncio.Event()
+
+    def request(self, tag: str, pushed_at: float) -> tuple[Deployment, bool]:
+        """Queue a deploy (or join the queued one); returns it and whether it was coalesced."""
+        deployment, coalesced = self.records.queue(tag, pushed_at)
+        self._wake.set()
+        return deployment, coalesced
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while (deployment := self.records.next_queued()) is not None:
+                # The blocking Docker work runs in a thread; this loop waits for it, so never two.
+                ended = await asyncio.to_thread(self.deploy, deployment)
+                DEPLOYS.labels(ended.state).inc()
+                if ended.started_at and ended.finished_at:
+                    DEPLOY_SECONDS.observe(ended.finished_at - ended.started_at)
+                self.notify(ended)
+
+    def deploy(self, d: Deployment) -> Deployment:
+        step = self._stepper(d.id)
+        step("pulling", started_at=time.time())
+        log.info("deploy started", extra={"deployment": d.id, "tag": d.trigger_tag, "triggers": d.triggers})
+        before: ImageInfo | None = None
+        touched = False  # whether the running service may have changed: only then is there anything to undo
+        try:
+            reference = self.engine.image_reference()
+            before = self.engine.running()
+            after = self.engine.pull(reference)
+            step("pulling", image=reference, after_image_id=after.id, after_digest=after.digest,
+                 before_image_id=before and before.id, before_digest=before and before.digest)  # fmt: skip
+            if before is not None and after.id == before.id:
+                return self._end(d.id, "unchanged")
+            if self.records.failed_before(after.id):
+                return self._end(
+                    d.id, "skipped", error=f"image {after.id[:19]} failed its health check before"
+                )
+            step("deploying")
+            touched = True
+            self.engine.recreate()
+            step("verifying")
+            self.engine.wait_healthy(self.health_timeout_s)
+            return self._end(d.id, "succeeded")
+        except DeployError as exc:
+            error = str(exc)
+            log.error("deploy failed", extra={"deployment": d.id, "error": error})
+            if touched and before is not None:
+                return self._roll_back(d.id, before, error)
+            return self._end(d.id, "failed", error=error)
+
+    def _roll_back(self, deployment_id: int, before: ImageInfo, error: str) -> Deployment:
+        self.records.update(deployment_id, state="rolling_back", rolled_back=1, error=error)
+        log.warning("rolling back", extra={"deployment": deployment_id, "image": before.id[:19]})
+        try:
+            self.engine.retag(before.id, self.engine.image_reference())
+            self.engine.recreate()
+            self.engine.wait_healthy(self.health_timeout_s)
+        except DeployError as exc:
+            return self._end(deployment_id, "failed", error=f"{error}; rollback failed too: {exc}")
+        return self._end(deployment_id, "rolled_back", error=error)
+
+    def _end(self, deployment_id: int, state: str, error: str | None = None) -> Deployment:
+        ended = self.records.update(deployment_id, state=state, **({"error": error} if error else {}))
+        log.info("deploy ended", extra={"deployment": deployment_id, "state": state, "error": error or ""})
+        return ended
+
+    def _stepper(self, deployment_id: int) -> Callable[..., Deployment]:
+        def step(state: str, **fields: object) -> Deployment:
+            return self.records.update(deployment_id, state=state, **fields)
+
+        return step
+
+
+def mqtt_notifier(url: str, device_id: str) -> Callable[[Deployment], None]:
+    """Publish each ended deployment, retained, to ``cryptopi/<device>/deployment``: best effort."""
+    parts = urlsplit(url)
+    auth: AuthParameter | None = None
+    if parts.username:
+        auth = {"username": unquote(parts.username), "password": unquote(parts.password or "")}
+
+    def notify(d: Deployment) -> None:
+        try:
+            publish.single(
+                f"cryptopi/{device_id}/deployment", d.model_dump_json(), qos=1, retain=True,
+                hostname=parts.hostname or "localhost", port=parts.port or 1883, auth=auth,
+                client_id=f"cryptopi-webhook-{device_id}",
+            )  # fmt: skip
+        except (OSError, ValueError) as exc:
+            log.warning("deployment not published to MQTT", extra={"error": str(exc)})
+
+    return notify
