@@ -14,7 +14,7 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 DATASETS := appliance/datasets
 DEMO_PORT := 8765
 
-.PHONY: help setup run demo test test-deps lint fmt bench models clean
+.PHONY: help setup run demo test test-deps lint fmt bench models clean install
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -62,6 +62,9 @@ test: lint test-deps  ## the whole test suite (what CI runs)
 
 bench: setup  ## measure throughput and memory; JSON in bench-results/, summary on stdout
 	$(DEV) python -m tests.bench
+
+install:  ## on the Pi, from /opt/cryptopi: host venv, /etc/cryptopi, systemd units (INSTALL_ARGS=--with-cloudflared)
+	$(SUDO) systemd/install.sh $(INSTALL_ARGS)
 
 models: setup  ## retrain the shipped BTC-USD and ETH-USD models from the bundled candles
 	for product in BTC-USD ETH-USD; do \

@@ -259,7 +259,8 @@ def test_settings_refuse_weak_tokens_and_bad_patterns(
 def test_init_writes_a_strong_token_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     env = tmp_path / "webhook.env"
     assert init(env, "https://hooks.example.org/") == 0
-    token = env.read_text().strip().partition("=")[2]
+    token = env.read_text().splitlines()[0].partition("=")[2]
+    assert "CRYPTOPI_WEBHOOK_REPOSITORY=cryptopi/appliance" in env.read_text()
     assert len(token) >= 43
     assert env.stat().st_mode & 0o777 == 0o600
     assert f"https://hooks.example.org/hooks/dockerhub/{token}" in capsys.readouterr().out

@@ -19,12 +19,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", help="serve the hook and run deploys (the default; CRYPTOPI_WEBHOOK_* settings)")
     p = sub.add_parser("init", help="generate a token (32 random bytes) and print the URL for Docker Hub")
     p.add_argument("--env-file", type=Path, help="append the token to this file (0600) if it has none")
+    p.add_argument("--repository", default="cryptopi/appliance", help="Docker Hub repository to deploy from")
     p.add_argument("--public-url", default=os.environ.get("CRYPTOPI_WEBHOOK_PUBLIC_URL", "https://hooks.example.com"),
                    help="where the tunnel publishes the receiver")  # fmt: skip
     return parser
 
 
-def init(env_file: Path | None, public_url: str) -> int:
+def init(env_file: Path | None, public_url: str, repository: str = "cryptopi/appliance") -> int:
     token = secrets.token_urlsafe(32)
     if env_file is not None:
         existing = env_file.read_text() if env_file.exists() else ""
@@ -35,6 +36,8 @@ def init(env_file: Path | None, public_url: str) -> int:
         fd = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         with os.fdopen(fd, "a") as f:
             f.write(f"{TOKEN_VARIABLE}={token}\n")
+            if "CRYPTOPI_WEBHOOK_REPOSITORY=" not in existing:
+                f.write(f"CRYPTOPI_WEBHOOK_REPOSITORY={repository}\n")
         print(f"token written to {env_file}")
     else:
         print(f"{TOKEN_VARIABLE}={token}")
@@ -73,7 +76,7 @@ async def serve() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "init":
-        return init(args.env_file, args.public_url)
+        return init(args.env_file, args.public_url, args.repository)
     asyncio.run(serve())
     return 0
 

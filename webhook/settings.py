@@ -30,7 +30,9 @@ class WebhookSettings(BaseSettings):
     public_url: str = Field("https://hooks.example.com", description="Where the tunnel publishes this server")
     compose_file: Path = Path("/opt/cryptopi/compose.yaml")
     compose_project: str = Field("cryptopi", pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
-    compose_env_file: Path | None = Field(None, description="--env-file for compose (the stack's variables)")
+    compose_env_file: Path | None = Field(
+        Path("/etc/cryptopi/cryptopi.env"), description="--env-file for compose (the stack's variables)"
+    )
     compose_command: str = Field("docker compose", description="How to run Compose v2")
     service: str = Field("appliance", pattern=r"^[a-zA-Z0-9._-]{1,63}$")
     health_timeout_s: float = Field(180.0, gt=0, description="How long a new container has to turn healthy")
