@@ -14,10 +14,10 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 DATASETS := appliance/datasets
 DEMO_PORT := 8765
 
-.PHONY: help setup run demo test test-deps lint fmt bench models clean install
+.PHONY: help setup run demo test test-deps lint fmt bench models clean install smoke-arm64
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 $(UV):
 	@command -v python3 >/dev/null || { echo "python3 is needed: apt-get install python3"; exit 1; }
@@ -62,6 +62,11 @@ test: lint test-deps  ## the whole test suite (what CI runs)
 
 bench: setup  ## measure throughput and memory; JSON in bench-results/, summary on stdout
 	$(DEV) python -m tests.bench
+
+smoke-arm64: setup  ## build the image for arm64 under QEMU; it must predict as the amd64 one does (root)
+	@dpkg -s qemu-user-static debootstrap docker.io >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+		$(SUDO) apt-get install -y -qq qemu-user-static debootstrap docker.io; }
+	$(DEV) python -m tests.smoke_arm64
 
 install:  ## on the Pi, from /opt/cryptopi: host venv, /etc/cryptopi, systemd units (INSTALL_ARGS=--with-cloudflared)
 	$(SUDO) systemd/install.sh $(INSTALL_ARGS)

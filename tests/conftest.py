@@ -24,6 +24,9 @@ from appliance.features import CandleSeries
 from appliance.settings import Settings
 from appliance.store import Store
 
+#: The private dockerd, registry and base image of the Docker tests: one of each per session.
+pytest_plugins = ["tests.dockerenv"]
+
 REPO = Path(__file__).resolve().parent.parent
 DATASETS = REPO / "appliance" / "datasets"
 CAPTURE = DATASETS / "coinbase_ws_exchange_feed_2026-07-07_BTC-USD_ETH-USD_matches_heartbeat.jsonl"
@@ -32,6 +35,16 @@ ETH_1H = DATASETS / "coinbase_ETH-USD_1h.csv"
 BTC_1M = DATASETS / "coinbase_BTC-USD_1m.csv"
 # 2025-09-01 .. 2025-10-01 (epoch s): a month of both products, ~10k generated trades.
 SEPT_2025 = (1756684800, 1759276800)
+
+
+def stop(proc: subprocess.Popen[Any], grace_s: float = 10) -> None:
+    """SIGTERM, then SIGKILL if it has not gone within ``grace_s``."""
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
 
 
 def free_port() -> int:
@@ -133,11 +146,7 @@ def replay_process(args: Sequence[str]) -> Iterator[int]:
             )
         yield port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 @pytest.fixture

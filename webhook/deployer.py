@@ -11,17 +11,15 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
-from paho.mqtt import publish
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client import Counter, Histogram
 
 from webhook.engine import DeployError, ImageInfo
 from webhook.records import Deployment, Records
-
-if TYPE_CHECKING:
-    from paho.mqtt.publish import AuthParameter
 
 log = logging.getLogger(__name__)
 
@@ -128,18 +126,20 @@ class Deployer:
 def mqtt_notifier(url: str, device_id: str) -> Callable[[Deployment], None]:
     """Publish each ended deployment, retained, to ``cryptopi/<device>/deployment``: best effort."""
     parts = urlsplit(url)
-    auth: AuthParameter | None = None
-    if parts.username:
-        auth = {"username": unquote(parts.username), "password": unquote(parts.password or "")}
 
     def notify(d: Deployment) -> None:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"cryptopi-webhook-{device_id}")
+        if parts.username:
+            client.username_pw_set(unquote(parts.username), unquote(parts.password or "") or None)
         try:
-            publish.single(
-                f"cryptopi/{device_id}/deployment", d.model_dump_json(), qos=1, retain=True,
-                hostname=parts.hostname or "localhost", port=parts.port or 1883, auth=auth,
-                client_id=f"cryptopi-webhook-{device_id}",
-            )  # fmt: skip
-        except (OSError, ValueError) as exc:
-            log.warning("deployment not published to MQTT", extra={"error": str(exc)})
+            client.connect(parts.hostname or "localhost", parts.port or 1883, keepalive=10)
+            client.loop_start()
+            sent = client.publish(f"cryptopi/{device_id}/deployment", d.model_dump_json(), qos=1, retain=True)
+            sent.wait_for_publish(timeout=5)
+        except (OSError, ValueError, RuntimeError) as exc:
+            log.warning("deployment not published to MQTT", extra={"deployment": d.id, "error": str(exc)})
+        finally:
+            client.disconnect()
+            client.loop_stop()
 
     return notify

@@ -1,0 +1,187 @@
+"""``make smoke-arm64``: the image for the Raspberry Pi (linux/arm64), built and run here under QEMU.
+
+``python -m tests.smoke_arm64`` (as root) registers QEMU's aarch64 binfmt handler if it is missing, starts a
+private engine, makes the amd64 and arm64 debootstrap bases, builds the repository's Dockerfile for both with
+the classic builder (the arm64 RUN steps execute under QEMU), then runs both images against one replay
+server and checks that they serve the same predictions: the same ``as_of`` and ``predicted_close`` within
+``--tolerance`` (relative). Everything it registered or started is undone at exit. Prints each phase's time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.conftest import LIVE_MARKET_ARGS, free_port, replay_process
+from tests.dockerenv import (
+    DockerError,
+    base_image,
+    build_image,
+    container,
+    container_logs,
+    docker,
+    docker_engine,
+    image_size,
+    inspect,
+    pi4_emulation,
+    qemu_binfmt,
+    wait_healthy,
+)
+
+ARCHES = ("amd64", "arm64")
+PRODUCTS = ("BTC-USD", "ETH-USD")
+MODELS = ("cnn", "lasso")
+
+
+class Phases:
+    """Wall time of each named phase, printed as it ends."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.start = time.monotonic()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        print(f"-- {name} …", flush=True)
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.seconds[name] = time.monotonic() - start
+            print(f"-- {name}: {self.seconds[name]:.1f}s", flush=True)
+
+    def report(self) -> None:
+        print("\nphase                          seconds")
+        for name, seconds in self.seconds.items():
+            print(f"{name:30} {seconds:7.1f}")
+        print(f"{'total':30} {time.monotonic() - self.start:7.1f}")
+
+
+def predict(url: str, product: str, model: str, at: str | None = None) -> dict[str, Any] | None:
+    params = {"product": product, "model": model} | ({"at": at} if at else {})
+    r = httpx.get(f"{url}/api/predict", params=params, timeout=10)
+    if r.status_code in (503, 404):
+        return None
+    r.raise_for_status()
+    result: dict[str, Any] = r.json()
+    return result
+
+
+def wait_prediction(url: str, product: str, model: str, at: str | None, timeout: float) -> dict[str, Any]:
+    """The prediction in force at ``at`` (the newest if None); with ``at``, it must be made *at* ``at``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = predict(url, product, model, at)
+        if got is not None and (at is None or got["as_of"] == at):
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{url}: no {product} {model} prediction as of {at or 'now'}: {got}")
+        time.sleep(0.5)
+
+
+def compare(urls: dict[str, str], timeout: float, tolerance: float, failures: list[str]) -> float:
+    """Both appliances' predictions of one hour, per product and model; returns the largest difference."""
+    worst = 0.0
+    print(f"   {'product':8} {'model':6} {'as_of':21} {'amd64':>16} {'arm64':>16} {'rel diff':>9}")
+    for product in PRODUCTS:
+        for model in MODELS:
+            newest = [wait_prediction(urls[arch], product, model, None, timeout) for arch in ARCHES]
+            as_of = max(p["as_of"] for p in newest)  # the later one: the other has made it too, or will
+            amd, arm = (wait_prediction(urls[arch], product, model, as_of, 120) for arch in ARCHES)
+            a, b = amd["predicted_close"], arm["predicted_close"]
+            rel = abs(a - b) / abs(a)
+            worst = max(worst, rel)
+            print(f"   {product:8} {model:6} {as_of:21} {a:16.8f} {b:16.8f} {rel:9.1e}")
+            if rel > tolerance:
+                failures.append(f"{product} {model} as of {as_of}: {a} vs {b} ({rel:.1e} relative)")
+    return worst
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.smoke_arm64", description=__doc__.split("\n")[0])
+    parser.add_argument("--tolerance", type=float, default=1e-6, help="relative predicted_close difference")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds for the arm64 container to serve")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("smoke-arm64 starts dockerd, debootstrap and binfmt_misc: run it as root", file=sys.stderr)
+        return 2
+
+    phase = Phases()
+    worst = 0.0
+    failures: list[str] = []
+    with (
+        qemu_binfmt("aarch64"),
+        tempfile.TemporaryDirectory(prefix="cryptopi-arm64-") as work,
+        docker_engine(Path(work) / "engine") as host,
+    ):
+        # The arm64 containers run under QEMU: as a Pi 4's Cortex-A72 (see pi4_emulation).
+        run_options = {"amd64": [], "arm64": pi4_emulation(Path(work))}
+        bases, images = {}, {}
+        for arch in ARCHES:
+            with phase(f"base image {arch}"):
+                bases[arch] = base_image(host, arch)
+        for arch in ARCHES:
+            images[arch] = f"cryptopi:smoke-{arch}"
+            with phase(f"build {arch}"):
+                # No --platform: the classic builder of Docker 20.10 records RUN steps' layers as the engine's
+                # platform and then refuses them ("does not match the specified platform"). The arm64 base
+                # alone makes the image arm64 (its RUN steps execute under QEMU).
+                build_image(host, images[arch], {"BASE": bases[arch], "BUILD": f"smoke-{arch}"},
+                            log=Path(work) / f"build-{arch}.log")  # fmt: skip
+            config = inspect(host, "image", images[arch])
+            probe = "import platform, onnxruntime; print(platform.machine(), onnxruntime.__version__)"
+            machine = docker(host, "run", "--rm", *run_options[arch], "--entrypoint", "python", images[arch],
+                             "-c", probe).stdout.strip()  # fmt: skip
+            runtime_mb = (image_size(host, images[arch]) - image_size(host, bases[arch])) / 1e6
+            platform = f"{config['Os']}/{config['Architecture']}"
+            print(f"   {images[arch]}: {platform}, runtime layers {runtime_mb:.1f} MB,"
+                  f" inside: {machine} (machine, onnxruntime)")  # fmt: skip
+            # The classic builder labels every image with the engine's platform (buildx labels it right).
+            if machine.split()[0] != {"amd64": "x86_64", "arm64": "aarch64"}[arch]:
+                failures.append(f"{images[arch]} runs as {machine}, not {arch}")
+
+        with replay_process(LIVE_MARKET_ARGS) as replay_port, contextlib.ExitStack() as stack:
+            urls, cids, started = {}, {}, {}
+            for arch in ARCHES:
+                port = free_port()
+                urls[arch] = f"http://127.0.0.1:{port}"
+                env = {
+                    "CRYPTOPI_HTTP_HOST": "127.0.0.1",
+                    "CRYPTOPI_HTTP_PORT": str(port),
+                    "CRYPTOPI_COINBASE_WS_URL": f"ws://127.0.0.1:{replay_port}",
+                    "CRYPTOPI_COINBASE_REST_URL": f"http://127.0.0.1:{replay_port}",
+                }
+                run = container(host, images[arch], env=env, options=run_options[arch])
+                cids[arch] = stack.enter_context(run)
+                started[arch] = time.monotonic()
+            try:
+                with phase("both healthy"):
+                    for arch in ARCHES:
+                        wait_healthy(host, cids[arch], timeout=args.timeout)
+                        print(f"   {arch} healthy {time.monotonic() - started[arch]:.1f}s after its start")
+                with phase("same predictions"):
+                    worst = compare(urls, args.timeout, args.tolerance, failures)
+            except (AssertionError, DockerError, httpx.HTTPError) as exc:
+                failures.append(f"{type(exc).__name__}: {exc}")
+                for arch in ARCHES:
+                    print(f"--- {arch} container log:\n{container_logs(host, cids[arch])}", file=sys.stderr)
+    phase.report()
+    print(f"predicted_close amd64 vs arm64, largest relative difference: {worst:.2e}")
+    if failures:
+        print("FAILED:\n  " + "\n  ".join(failures), file=sys.stderr)
+        return 1
+    print("smoke-arm64: OK")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
