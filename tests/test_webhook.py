@@ -277,3 +277,81 @@ def test_init_writes_a_strong_token_once(tmp_path: Path, capsys: pytest.CaptureF
 ])  # fmt: skip
 def test_split_reference(reference: str, expected: tuple[str, str]) -> None:
     assert split_reference(reference) == expected
+
+
+class ScriptedDocker:
+    """The Docker side of a deploy, scripted: which images exist and which step breaks, and how."""
+
+    def __init__(self, breaks: dict[str, Exception]) -> None:
+        self.breaks = breaks
+        self.running_id = "sha256:old"
+        self.calls: list[str] = []
+
+    def _step(self, name: str) -> None:
+        self.calls.append(name)
+        if name in self.breaks:
+            raise self.breaks.pop(name)
+
+    def image_reference(self) -> str:
+        return "127.0.0.1:5000/cryptopi/appliance:latest"
+
+    def pull(self, reference: str) -> ImageInfo:
+        self._step("pull")
+        return ImageInfo("sha256:new", "sha256:digest")
+
+    def running(self) -> ImageInfo | None:
+        return ImageInfo(self.running_id, None)
+
+    def retag(self, image_id: str, reference: str) -> None:
+        self._step(f"retag {image_id}")
+
+    def recreate(self) -> None:
+        self._step("recreate")
+
+    def wait_healthy(self, timeout_s: float) -> None:
+        self._step("wait_healthy")
+
+
+async def test_an_unexpected_error_fails_the_deploy_and_the_next_one_still_runs(records: Records) -> None:
+    """A docker SDK error (not a DeployError) must end its deploy, not the deployer."""
+    docker = ScriptedDocker({"pull": RuntimeError("engine went away")})
+    deployer = Deployer(docker, records, 1.0)
+    worker = asyncio.create_task(deployer.run())
+    try:
+        deployer.request("latest", time.time())
+        await wait_until(lambda: records.recent()[0].state == "failed")
+        deployer.request("latest", time.time())
+        await wait_until(lambda: len(records.recent()) == 2 and records.recent()[0].state == "succeeded")
+    finally:
+        worker.cancel()
+    failed = records.recent()[1]
+    assert failed.error == "RuntimeError: engine went away"
+    assert not failed.rolled_back  # nothing had changed yet: nothing to undo
+    assert docker.calls == ["pull", "pull", "recreate", "wait_healthy"]
+
+
+async def test_a_failure_after_the_recreate_rolls_back_to_the_previous_image(records: Records) -> None:
+    docker = ScriptedDocker({"wait_healthy": TimeoutError("no answer")})
+    deployer = Deployer(docker, records, 1.0)
+    worker = asyncio.create_task(deployer.run())
+    try:
+        deployer.request("latest", time.time())
+        await wait_until(lambda: records.recent()[0].state == "rolled_back")
+    finally:
+        worker.cancel()
+    assert docker.calls == [
+        "pull",
+        "recreate",
+        "wait_healthy",
+        "retag sha256:old",
+        "recreate",
+        "wait_healthy",
+    ]
+    assert records.failed_before("sha256:new")
+
+
+async def wait_until(predicate: Any, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)

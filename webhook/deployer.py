@@ -67,7 +67,7 @@ class Deployer:
                 DEPLOYS.labels(ended.state).inc()
                 if ended.started_at and ended.finished_at:
                     DEPLOY_SECONDS.observe(ended.finished_at - ended.started_at)
-                self.notify(ended)
+                await asyncio.to_thread(self.notify, ended)
 
     def deploy(self, d: Deployment) -> Deployment:
         step = self._stepper(d.id)
@@ -93,8 +93,8 @@ class Deployer:
             step("verifying")
             self.engine.wait_healthy(self.health_timeout_s)
             return self._end(d.id, "succeeded")
-        except DeployError as exc:
-            error = str(exc)
+        except Exception as exc:  # whatever went wrong (the SDK, compose, a timeout), the deploy ends here
+            error = str(exc) if isinstance(exc, DeployError) else f"{type(exc).__name__}: {exc}"
             log.error("deploy failed", extra={"deployment": d.id, "error": error})
             if touched and before is not None:
                 return self._roll_back(d.id, before, error)
@@ -107,7 +107,7 @@ class Deployer:
             self.engine.retag(before.id, self.engine.image_reference())
             self.engine.recreate()
             self.engine.wait_healthy(self.health_timeout_s)
-        except DeployError as exc:
+        except Exception as exc:
             return self._end(deployment_id, "failed", error=f"{error}; rollback failed too: {exc}")
         return self._end(deployment_id, "rolled_back", error=error)
 

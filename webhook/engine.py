@@ -109,7 +109,10 @@ class Engine:
 
     def _compose(self, *args: str) -> str:
         cmd = [*self.settings.compose, *args]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise DeployError(f"compose {args[0]}: {exc}") from exc
         if done.returncode != 0:
             raise DeployError(f"compose {args[0]} failed ({done.returncode}): {done.stderr.strip()[-500:]}")
         return done.stdout
