@@ -97,7 +97,8 @@ class ConfigError(SystemExit):
         lines = []
         for err in exc.errors(include_url=False):
             field = str(err["loc"][0]) if err["loc"] else "?"
-            shown = "(secret)" if "token" in field else repr(str(err.get("input"))[:60])
+            secret = "token" in field or ("url" in field and "@" in str(err.get("input")))  # user:pass@
+            shown = "(secret)" if secret else repr(str(err.get("input"))[:60])
             lines.append(f"  {prefix}{field.upper()}: {err['msg']} (got {shown})")
         print("invalid configuration:\n" + "\n".join(lines), flush=True)
         super().__init__(2)

@@ -204,6 +204,9 @@ def test_an_unhealthy_image_is_rolled_back(stack: Stack, tmp_path: Path) -> None
     assert stack.hook().json()["status"] == "accepted"
     wait(lambda: stack.deployments()[0]["state"] == "skipped", 60, "the repeat to be skipped")
     assert stack.build_served() == "v2"
+    # The local tag points at what runs again, so a reboot's `compose up` cannot start v3 ungated.
+    v2 = docker(stack.host, "image", "inspect", "--format", "{{.Id}}", f"{stack.image}:v2").stdout
+    assert docker(stack.host, "image", "inspect", "--format", "{{.Id}}", f"{stack.image}:latest").stdout == v2
 
 
 def test_a_wrong_token_is_404_and_pulls_nothing(stack: Stack) -> None:

@@ -20,7 +20,7 @@ from tests.conftest import REPO
 from webhook.__main__ import init
 from webhook.app import create_app
 from webhook.deployer import Deployer
-from webhook.engine import ImageInfo, split_reference
+from webhook.engine import ImageInfo, Unhealthy, split_reference
 from webhook.records import Records
 from webhook.settings import WebhookSettings, load_settings
 
@@ -327,11 +327,13 @@ async def test_an_unexpected_error_fails_the_deploy_and_the_next_one_still_runs(
     failed = records.recent()[1]
     assert failed.error == "RuntimeError: engine went away"
     assert not failed.rolled_back  # nothing had changed yet: nothing to undo
-    assert docker.calls == ["pull", "pull", "recreate", "wait_healthy"]
+    assert not records.failed_before("sha256:new")  # a broken engine says nothing about the image
+    # The tag goes back to what runs after the failed pull, so a reboot's `compose up` cannot pick it up.
+    assert docker.calls == ["pull", "retag sha256:old", "pull", "recreate", "wait_healthy"]
 
 
 async def test_a_failure_after_the_recreate_rolls_back_to_the_previous_image(records: Records) -> None:
-    docker = ScriptedDocker({"wait_healthy": TimeoutError("no answer")})
+    docker = ScriptedDocker({"wait_healthy": Unhealthy("not healthy within 1 s")})
     deployer = Deployer(docker, records, 1.0)
     worker = asyncio.create_task(deployer.run())
     try:
@@ -347,7 +349,10 @@ async def test_a_failure_after_the_recreate_rolls_back_to_the_previous_image(rec
         "recreate",
         "wait_healthy",
     ]
-    assert records.failed_before("sha256:new")
+    assert records.failed_before("sha256:new")  # its own health check failed: not tried again
+    ended = records.recent()[0]
+    assert ended.rolled_back
+    assert ended.health_failed
 
 
 async def wait_until(predicate: Any, timeout: float = 5) -> None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import secrets
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,6 +40,8 @@ def init(env_file: Path | None, public_url: str, repository: str = "cryptopi/app
             f.write(f"{TOKEN_VARIABLE}={token}\n")
             if "CRYPTOPI_WEBHOOK_REPOSITORY=" not in existing:
                 f.write(f"CRYPTOPI_WEBHOOK_REPOSITORY={repository}\n")
+            if "CRYPTOPI_WEBHOOK_MQTT_URL=" not in existing:  # the stack's own broker
+                f.write("CRYPTOPI_WEBHOOK_MQTT_URL=mqtt://127.0.0.1:1883\n")
         print(f"token written to {env_file}")
     else:
         print(f"{TOKEN_VARIABLE}={token}")
@@ -51,24 +55,35 @@ async def serve() -> None:
     from appliance.logs import setup_logging
     from webhook.app import create_app
     from webhook.deployer import Deployer, mqtt_notifier
-    from webhook.engine import Engine
+    from webhook.engine import DeployError, Engine, split_reference
     from webhook.records import Records
     from webhook.settings import load_settings
 
     settings = load_settings()
     setup_logging(settings.log_level, settings.log_format)
+    log = logging.getLogger("webhook")
     records = Records(settings.state_dir / "deployments.sqlite3")
-    notify = (
-        mqtt_notifier(settings.mqtt_url, settings.mqtt_device_id) if settings.mqtt_url else (lambda d: None)
-    )
-    deployer = Deployer(Engine(settings), records, settings.health_timeout_s, notify)
+    engine = Engine(settings)
+    deployer = Deployer(engine, records, settings.health_timeout_s)
+    if settings.mqtt_url:
+        deployer.notify = mqtt_notifier(settings.mqtt_url, settings.mqtt_device_id)
+    try:  # a repository that is not the one compose runs would make every push "ignored"
+        image = engine.image_reference()
+        if not split_reference(image)[0].endswith(settings.repository):
+            log.warning("CRYPTOPI_WEBHOOK_REPOSITORY is not the image compose runs",
+                        extra={"repository": settings.repository, "image": image})  # fmt: skip
+    except DeployError as exc:
+        log.warning("compose config unreadable at start", extra={"error": str(exc)})
     app = create_app(settings, records, deployer)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                                            access_log=False, lifespan="off"))  # fmt: skip
+    if records.interrupted:  # the last run stopped mid-deploy: make sure the newest good image runs
+        deployer.request("(recovery)", time.time())
     worker = asyncio.create_task(deployer.run())
     try:
         await server.serve()  # until SIGTERM / SIGINT
     finally:
+        await deployer.drain()  # never stop half-way through a recreate (the unit allows 20 min)
         worker.cancel()
         records.close()
 

@@ -89,7 +89,7 @@ def create_app(settings: WebhookSettings, records: Records, deployer: Deployer) 
 
         # A replay is only worth recording once the push is otherwise one that deploys.
         reason = reason_to_ignore(seen=False)
-        if reason is None and not records.remember_push(tag, pushed_at):
+        if reason is None and not records.remember_push(tag, pushed_at, now - settings.max_push_age_s - 300):
             reason = reason_to_ignore(seen=True)
         if reason is not None:
             HOOK_REQUESTS.labels("ignored").inc()

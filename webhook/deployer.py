@@ -18,7 +18,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client import Counter, Histogram
 
-from webhook.engine import DeployError, ImageInfo
+from webhook.engine import DeployError, ImageInfo, Unhealthy
 from webhook.records import Deployment, Records
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,9 @@ class Deployer:
         self.health_timeout_s = health_timeout_s
         self.notify = notify
         self._wake = asyncio.Event()
+        self._wake.set()  # deploys queued before a restart run at once
+        self.idle = asyncio.Event()
+        self.idle.set()
 
     def request(self, tag: str, pushed_at: float) -> tuple[Deployment, bool]:
         """Queue a deploy (or join the queued one); returns it and whether it was coalesced."""
@@ -61,29 +64,48 @@ class Deployer:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while (deployment := self.records.next_queued()) is not None:
-                # The blocking Docker work runs in a thread; this loop waits for it, so never two.
+            try:
+                await self._run_queued()
+            except Exception:  # the records themselves failed (a full disk...): log, wait, try again
+                log.exception("deploy loop error; retrying in 30 s")
+                await asyncio.sleep(30)
+                self._wake.set()
+
+    async def drain(self) -> None:
+        """Until the deploy under way (if any) has ended: stopping mid-recreate could leave no appliance."""
+        await self.idle.wait()
+
+    async def _run_queued(self) -> None:
+        while (deployment := self.records.next_queued()) is not None:
+            # The blocking Docker work runs in a thread; this loop waits for it, so never two.
+            self.idle.clear()
+            try:
                 ended = await asyncio.to_thread(self.deploy, deployment)
-                DEPLOYS.labels(ended.state).inc()
-                if ended.started_at and ended.finished_at:
-                    DEPLOY_SECONDS.observe(ended.finished_at - ended.started_at)
-                await asyncio.to_thread(self.notify, ended)
+            finally:
+                self.idle.set()
+            DEPLOYS.labels(ended.state).inc()
+            if ended.started_at and ended.finished_at:
+                DEPLOY_SECONDS.observe(ended.finished_at - ended.started_at)
+            await asyncio.to_thread(self.notify, ended)
 
     def deploy(self, d: Deployment) -> Deployment:
         step = self._stepper(d.id)
         step("pulling", started_at=time.time())
         log.info("deploy started", extra={"deployment": d.id, "tag": d.trigger_tag, "triggers": d.triggers})
+        reference: str | None = None
         before: ImageInfo | None = None
-        touched = False  # whether the running service may have changed: only then is there anything to undo
+        pulled = touched = False  # whether the local tag, then the running service, may have changed
         try:
             reference = self.engine.image_reference()
             before = self.engine.running()
+            pulled = True
             after = self.engine.pull(reference)
             step("pulling", image=reference, after_image_id=after.id, after_digest=after.digest,
                  before_image_id=before and before.id, before_digest=before and before.digest)  # fmt: skip
             if before is not None and after.id == before.id:
                 return self._end(d.id, "unchanged")
             if self.records.failed_before(after.id):
+                self._restore_tag(before, reference)  # or the next `compose up` (a reboot) would run it
                 return self._end(
                     d.id, "skipped", error=f"image {after.id[:19]} failed its health check before"
                 )
@@ -96,20 +118,34 @@ class Deployer:
         except Exception as exc:  # whatever went wrong (the SDK, compose, a timeout), the deploy ends here
             error = str(exc) if isinstance(exc, DeployError) else f"{type(exc).__name__}: {exc}"
             log.error("deploy failed", extra={"deployment": d.id, "error": error})
-            if touched and before is not None:
-                return self._roll_back(d.id, before, error)
+            if isinstance(exc, Unhealthy):
+                self.records.update(d.id, health_failed=1)
+            if touched and before is not None and reference is not None:
+                return self._roll_back(d.id, before, reference, error)
+            if pulled and reference is not None:
+                self._restore_tag(before, reference)
             return self._end(d.id, "failed", error=error)
 
-    def _roll_back(self, deployment_id: int, before: ImageInfo, error: str) -> Deployment:
-        self.records.update(deployment_id, state="rolling_back", rolled_back=1, error=error)
+    def _roll_back(self, deployment_id: int, before: ImageInfo, reference: str, error: str) -> Deployment:
+        self.records.update(deployment_id, state="rolling_back", error=error)
         log.warning("rolling back", extra={"deployment": deployment_id, "image": before.id[:19]})
         try:
-            self.engine.retag(before.id, self.engine.image_reference())
+            self.engine.retag(before.id, reference)
             self.engine.recreate()
             self.engine.wait_healthy(self.health_timeout_s)
         except Exception as exc:
             return self._end(deployment_id, "failed", error=f"{error}; rollback failed too: {exc}")
+        self.records.update(deployment_id, rolled_back=1)
         return self._end(deployment_id, "rolled_back", error=error)
+
+    def _restore_tag(self, before: ImageInfo | None, reference: str) -> None:
+        """Point the reference back at what runs, so that only a gated deploy ever changes it."""
+        if before is None:
+            return
+        try:
+            self.engine.retag(before.id, reference)
+        except Exception as exc:
+            log.error("could not restore the image tag", extra={"reference": reference, "error": str(exc)})
 
     def _end(self, deployment_id: int, state: str, error: str | None = None) -> Deployment:
         ended = self.records.update(deployment_id, state=state, **({"error": error} if error else {}))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import time
 from dataclasses import dataclass
@@ -23,6 +24,10 @@ log = logging.getLogger(__name__)
 
 class DeployError(RuntimeError):
     """A step failed; the message says which and why."""
+
+
+class Unhealthy(DeployError):
+    """The new container never passed its health check: the image itself is at fault."""
 
 
 @dataclass(frozen=True)
@@ -43,10 +48,12 @@ class Engine:
     def __init__(self, settings: WebhookSettings) -> None:
         self.settings = settings
         self.client = docker.from_env()
+        # Compose gets the environment without the webhook's own settings (its token among them).
+        self._env = {k: v for k, v in os.environ.items() if not k.startswith("CRYPTOPI_WEBHOOK_")}
 
     def image_reference(self) -> str:
         """The service's image as compose resolves it (its env file included)."""
-        out = self._compose("config", "--format", "json")
+        out = self._compose("config", "--format", "json", self.settings.service)
         try:
             return str(json.loads(out)["services"][self.settings.service]["image"])
         except (KeyError, ValueError) as exc:
@@ -91,26 +98,30 @@ class Engine:
                 state = container.attrs["State"]
                 health = state.get("Health")
                 if health is None:
-                    raise DeployError("the image has no HEALTHCHECK: nothing to gate the deploy on")
+                    raise Unhealthy("the image has no HEALTHCHECK: nothing to gate the deploy on")
                 status = health["Status"]
                 if status == "healthy":
                     return
                 if status == "unhealthy":
                     last = (health.get("Log") or [{}])[-1].get("Output", "").strip()
-                    raise DeployError(f"container unhealthy: {last[-300:]}")
+                    raise Unhealthy(f"container unhealthy: {last[-300:]}")
             time.sleep(1)
-        raise DeployError(f"not healthy within {timeout_s:.0f} s (last status: {status})")
+        raise Unhealthy(f"not healthy within {timeout_s:.0f} s (last status: {status})")
 
     def _container(self) -> Any:  # docker.models.containers.Container (the SDK has no types)
         labels = [f"com.docker.compose.project={self.settings.compose_project}",
                   f"com.docker.compose.service={self.settings.service}"]  # fmt: skip
-        found = self.client.containers.list(all=True, filters={"label": labels})
-        return max(found, key=lambda c: c.attrs["Created"]) if found else None
+        labels.append("com.docker.compose.oneoff=False")  # not a `compose run` of the same service
+        found = self.client.containers.list(all=True, filters={"label": labels}, ignore_removed=True)
+        # The running one if there is one (compose may be removing the old one right now), else the newest.
+        return max(found, key=lambda c: (c.status == "running", c.attrs["Created"])) if found else None
 
     def _compose(self, *args: str) -> str:
         cmd = [*self.settings.compose, *args]
         try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+            done = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=600, check=False, env=self._env
+            )
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise DeployError(f"compose {args[0]}: {exc}") from exc
         if done.returncode != 0:

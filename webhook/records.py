@@ -34,6 +34,7 @@ CREATE TABLE IF NOT EXISTS deployments (
     after_image_id TEXT,
     after_digest TEXT,
     rolled_back INTEGER NOT NULL DEFAULT 0,
+    health_failed INTEGER NOT NULL DEFAULT 0,
     error TEXT
 );
 CREATE TABLE IF NOT EXISTS pushes (
@@ -60,6 +61,7 @@ class Deployment(BaseModel):
     after_image_id: str | None = None
     after_digest: str | None = None
     rolled_back: bool = False
+    health_failed: bool = False
     error: str | None = None
 
 
@@ -74,19 +76,25 @@ class Records:
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(SCHEMA)
-            # A deploy cut off by a crash or a stop: say so, and let the next push try again.
-            self._db.execute(
+            # A deploy cut off by a crash: say so (the receiver queues a deploy to set things right).
+            # Queued ones simply run.
+            cut = self._db.execute(
                 f"UPDATE deployments SET state='interrupted', finished_at=? "
-                f"WHERE state NOT IN ({','.join('?' * len(ENDED))})",
+                f"WHERE state NOT IN ('queued', {','.join('?' * len(ENDED))})",
                 (time.time(), *sorted(ENDED)),
             )
+            self.interrupted = cut.rowcount
 
     def close(self) -> None:
         self._db.close()
 
-    def remember_push(self, tag: str, pushed_at: float) -> bool:
-        """Record a push; False if this very push (tag, pushed_at) came before: a replay."""
+    def remember_push(self, tag: str, pushed_at: float, forget_before: float) -> bool:
+        """Record a push; False if this very push (tag, pushed_at) came before: a replay.
+
+        Pushes older than ``forget_before`` are dropped: they are refused as stale anyway.
+        """
         with self._lock:
+            self._db.execute("DELETE FROM pushes WHERE pushed_at < ?", (forget_before,))
             cur = self._db.execute(
                 "INSERT OR IGNORE INTO pushes (tag, pushed_at, received_at) VALUES (?, ?, ?)",
                 (tag, pushed_at, time.time()),
@@ -127,7 +135,8 @@ class Records:
         with self._lock:
             return bool(
                 self._db.execute(
-                    "SELECT 1 FROM deployments WHERE after_image_id=? AND rolled_back=1 LIMIT 1", (image_id,)
+                    "SELECT 1 FROM deployments WHERE after_image_id=? AND health_failed=1 LIMIT 1",
+                    (image_id,),
                 ).fetchone()
             )
 
