@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, wait_for
 from webhook.__main__ import init
 from webhook.app import create_app
 from webhook.deployer import Deployer
@@ -319,9 +319,10 @@ async def test_an_unexpected_error_fails_the_deploy_and_the_next_one_still_runs(
     worker = asyncio.create_task(deployer.run())
     try:
         deployer.request("latest", time.time())
-        await wait_until(lambda: records.recent()[0].state == "failed")
+        await wait_for(lambda: records.recent()[0].state == "failed", 5, "the first deploy to fail")
         deployer.request("latest", time.time())
-        await wait_until(lambda: len(records.recent()) == 2 and records.recent()[0].state == "succeeded")
+        await wait_for(lambda: len(records.recent()) == 2 and records.recent()[0].state == "succeeded", 5,
+                       "the next deploy to succeed")  # fmt: skip
     finally:
         worker.cancel()
     failed = records.recent()[1]
@@ -338,7 +339,7 @@ async def test_a_failure_after_the_recreate_rolls_back_to_the_previous_image(rec
     worker = asyncio.create_task(deployer.run())
     try:
         deployer.request("latest", time.time())
-        await wait_until(lambda: records.recent()[0].state == "rolled_back")
+        await wait_for(lambda: records.recent()[0].state == "rolled_back", 5, "the rollback")
     finally:
         worker.cancel()
     assert docker.calls == [
@@ -353,10 +354,3 @@ async def test_a_failure_after_the_recreate_rolls_back_to_the_previous_image(rec
     ended = records.recent()[0]
     assert ended.rolled_back
     assert ended.health_failed
-
-
-async def wait_until(predicate: Any, timeout: float = 5) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.01)
