@@ -24,7 +24,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -147,6 +147,22 @@ def unmount_under(*roots: Path) -> None:
         subprocess.run(["umount", "--lazy", point], check=False, capture_output=True)
 
 
+def _wait_serving(
+    proc: subprocess.Popen[bytes], name: str, answers: Callable[[], bool], timeout: float, log_path: Path
+) -> None:
+    """Until ``answers()`` (a refused connection: not yet); DockerError with its log if it exits or stalls."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise DockerError(f"{name} exited {proc.returncode}:\n{_tail(log_path.read_text())}")
+        with contextlib.suppress(httpx.TransportError):
+            if answers():
+                return
+        if time.monotonic() > deadline:
+            raise DockerError(f"{name} did not answer in {timeout}s:\n{_tail(log_path.read_text())}")
+        time.sleep(0.05)
+
+
 @contextlib.contextmanager
 def docker_engine(root: Path, timeout: float = 60) -> Iterator[str]:
     """A private ``dockerd`` with its data under ``root``: no bridge, no iptables; yields its DOCKER_HOST.
@@ -170,16 +186,12 @@ def docker_engine(root: Path, timeout: float = 60) -> Iterator[str]:
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise DockerError(f"dockerd exited {proc.returncode}:\n{_tail(log_path.read_text())}")
-            with contextlib.suppress(httpx.TransportError), engine_api(docker_host, timeout=2) as api:
-                if api.get("/_ping").status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise DockerError(f"dockerd did not answer in {timeout}s:\n{_tail(log_path.read_text())}")
-            time.sleep(0.1)
+
+        def pings() -> bool:
+            with engine_api(docker_host, timeout=2) as api:
+                return api.get("/_ping").status_code == 200
+
+        _wait_serving(proc, "dockerd", pings, timeout, log_path)
         yield docker_host
     finally:
         if proc.poll() is None:
@@ -224,16 +236,11 @@ def local_registry(root: Path, timeout: float = 30) -> Iterator[str]:
                                 stdin=subprocess.DEVNULL)  # fmt: skip
     address = f"127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise DockerError(f"docker-registry exited {proc.returncode}:\n{_tail(log_path.read_text())}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"http://{address}/v2/", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise DockerError(f"docker-registry did not answer in {timeout}s")
-            time.sleep(0.05)
+
+        def answers() -> bool:
+            return httpx.get(f"http://{address}/v2/", timeout=2).status_code == 200
+
+        _wait_serving(proc, "docker-registry", answers, timeout, log_path)
         yield address
     finally:
         conftest.stop(proc)
