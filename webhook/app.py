@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from pydantic import BaseModel, Field
 
 from webhook.deployer import Deployer
-from webhook.payload import MAX_BODY_BYTES, BadPayload, ignore_reason, parse_push
+from webhook.payload import MAX_BODY_BYTES, REPLAYED, BadPayload, ignore_reason, parse_push
 from webhook.records import Deployment, Records
 from webhook.settings import WebhookSettings
 
@@ -69,28 +69,26 @@ def create_app(settings: WebhookSettings, records: Records, deployer: Deployer) 
         declared = request.headers.get("content-length", "0")
         if not declared.isdigit():
             raise refuse(400, "bad_payload", "Content-Length is not a number")
+        too_large = f"body over {MAX_BODY_BYTES} bytes"
         if int(declared) > MAX_BODY_BYTES:
-            raise refuse(413, "too_large", f"body over {MAX_BODY_BYTES} bytes")
+            raise refuse(413, "too_large", too_large)
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > MAX_BODY_BYTES:
-                raise refuse(413, "too_large", f"body over {MAX_BODY_BYTES} bytes")
+                raise refuse(413, "too_large", too_large)
         try:
             push = parse_push(bytes(body))
         except BadPayload as exc:
             raise refuse(400, "bad_payload", str(exc)) from None
         tag, pushed_at = push.push_data.tag, push.push_data.pushed_at
         now = time.time()
-
-        def reason_to_ignore(seen: bool) -> str | None:
-            return ignore_reason(push, repository=settings.repository, tag_pattern=settings.tag_pattern,
-                                 now=now, max_age_s=settings.max_push_age_s, seen=seen)  # fmt: skip
-
-        # A replay is only worth recording once the push is otherwise one that deploys.
-        reason = reason_to_ignore(seen=False)
-        if reason is None and not records.remember_push(tag, pushed_at, now - settings.max_push_age_s - 300):
-            reason = reason_to_ignore(seen=True)
+        reason = ignore_reason(push, repository=settings.repository, tag_pattern=settings.tag_pattern,
+                               now=now, max_age_s=settings.max_push_age_s)  # fmt: skip
+        # A push is remembered (against replays) only once it is otherwise one that deploys; pushes
+        # older than the age limit are forgotten, the limit refuses them anyway.
+        if reason is None and not records.remember_push(tag, pushed_at, now - settings.max_push_age_s):
+            reason = REPLAYED
         if reason is not None:
             HOOK_REQUESTS.labels("ignored").inc()
             log.info("push ignored", extra={"tag": tag, "reason": reason})

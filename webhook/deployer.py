@@ -8,6 +8,7 @@ is put back and must turn healthy again. Every step is written to the records as
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -89,8 +90,8 @@ class Deployer:
             await asyncio.to_thread(self.notify, ended)
 
     def deploy(self, d: Deployment) -> Deployment:
-        step = self._stepper(d.id)
-        step("pulling", started_at=time.time())
+        step = functools.partial(self.records.update, d.id)
+        step(state="pulling", started_at=time.time())
         log.info("deploy started", extra={"deployment": d.id, "tag": d.trigger_tag, "triggers": d.triggers})
         reference: str | None = None
         before: ImageInfo | None = None
@@ -100,7 +101,7 @@ class Deployer:
             before = self.engine.running()
             pulled = True
             after = self.engine.pull(reference)
-            step("pulling", image=reference, after_image_id=after.id, after_digest=after.digest,
+            step(image=reference, after_image_id=after.id, after_digest=after.digest,
                  before_image_id=before and before.id, before_digest=before and before.digest)  # fmt: skip
             if before is not None and after.id == before.id:
                 return self._end(d.id, "unchanged")
@@ -109,10 +110,10 @@ class Deployer:
                 return self._end(
                     d.id, "skipped", error=f"image {after.id[:19]} failed its health check before"
                 )
-            step("deploying")
+            step(state="deploying")
             touched = True
             self.engine.recreate()
-            step("verifying")
+            step(state="verifying")
             self.engine.wait_healthy(self.health_timeout_s)
             return self._end(d.id, "succeeded")
         except Exception as exc:  # whatever went wrong (the SDK, compose, a timeout), the deploy ends here
@@ -151,12 +152,6 @@ class Deployer:
         ended = self.records.update(deployment_id, state=state, **({"error": error} if error else {}))
         log.info("deploy ended", extra={"deployment": deployment_id, "state": state, "error": error or ""})
         return ended
-
-    def _stepper(self, deployment_id: int) -> Callable[..., Deployment]:
-        def step(state: str, **fields: object) -> Deployment:
-            return self.records.update(deployment_id, state=state, **fields)
-
-        return step
 
 
 def mqtt_notifier(url: str, device_id: str) -> Callable[[Deployment], None]:

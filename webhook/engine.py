@@ -110,8 +110,8 @@ class Engine:
 
     def _container(self) -> Any:  # docker.models.containers.Container (the SDK has no types)
         labels = [f"com.docker.compose.project={self.settings.compose_project}",
-                  f"com.docker.compose.service={self.settings.service}"]  # fmt: skip
-        labels.append("com.docker.compose.oneoff=False")  # not a `compose run` of the same service
+                  f"com.docker.compose.service={self.settings.service}",
+                  "com.docker.compose.oneoff=False"]  # not a `compose run` of the same service  # fmt: skip
         found = self.client.containers.list(all=True, filters={"label": labels}, ignore_removed=True)
         # The running one if there is one (compose may be removing the old one right now), else the newest.
         return max(found, key=lambda c: (c.status == "running", c.attrs["Created"])) if found else None

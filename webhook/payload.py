@@ -15,6 +15,7 @@ from webhook.settings import REPOSITORY_PATTERN
 #: Docker's tag grammar: no "/", no "..", at most 128 characters.
 TAG_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
 MAX_BODY_BYTES = 64 * 1024
+REPLAYED = "replayed push: this tag and pushed_at were received before"
 #: How far ahead of this clock a push may claim to be (Docker Hub's and the Pi's clocks differ).
 CLOCK_SLACK_S = 300.0
 
@@ -60,9 +61,8 @@ def ignore_reason(
     tag_pattern: str,
     now: float,
     max_age_s: float,
-    seen: bool,
 ) -> str | None:
-    """Why this push deploys nothing, or None if it should trigger a deploy."""
+    """Why this push deploys nothing, or None if it should trigger a deploy (unless it is a replay)."""
     if push.repository.repo_name != repository:
         return f"repository {push.repository.repo_name} is not {repository}"
     if not re.fullmatch(tag_pattern, push.push_data.tag):
@@ -71,6 +71,4 @@ def ignore_reason(
         return f"stale push: pushed_at is {now - push.push_data.pushed_at:.0f} s old (most {max_age_s:.0f})"
     if push.push_data.pushed_at > now + CLOCK_SLACK_S:
         return "pushed_at is in the future"
-    if seen:
-        return "replayed push: this tag and pushed_at were received before"
     return None

@@ -91,7 +91,7 @@ class Records:
     def remember_push(self, tag: str, pushed_at: float, forget_before: float) -> bool:
         """Record a push; False if this very push (tag, pushed_at) came before: a replay.
 
-        Pushes older than ``forget_before`` are dropped: they are refused as stale anyway.
+        Pushes older than ``forget_before`` are dropped.
         """
         with self._lock:
             self._db.execute("DELETE FROM pushes WHERE pushed_at < ?", (forget_before,))
