@@ -99,6 +99,13 @@ def create_app(state: AppState) -> FastAPI:
             raise HTTPException(404, f"unknown product {product}; this appliance serves {served}")
         return product
 
+    def known_model(product: str, model: str) -> None:
+        names = state.inference.models_of(product)
+        if model not in names:
+            raise HTTPException(
+                404, f"no model {model} for {product}; models: {', '.join(names) or 'none loaded'}"
+            )
+
     @app.get("/livez")
     async def livez() -> dict[str, bool]:
         """The process answers (for container health checks and as the benchmark's trivial endpoint)."""
@@ -148,11 +155,7 @@ def create_app(state: AppState) -> FastAPI:
                 when = parse_time(at)
             except ValueError as exc:
                 raise HTTPException(422, f"at: {exc}") from None
-        names = state.inference.models_of(product)
-        if model not in names:
-            raise HTTPException(
-                404, f"no model {model} for {product}; models: {', '.join(names) or 'none loaded'}"
-            )
+        known_model(product, model)
         kept = state.latest.get((product, model)) if when is None else None
         rows = [kept] if kept else state.reader.predictions(product, model=model, at=when, limit=1)
         if not rows:
@@ -200,13 +203,9 @@ def create_app(state: AppState) -> FastAPI:
         window: Annotated[int, Query(ge=1, le=10_000, description="Newest predictions scored")] = 168,
     ) -> list[AccuracyOut]:
         known(product)
-        models = state.inference.models_of(product)
         if model is not None:
-            if model not in models:
-                raise HTTPException(
-                    404, f"no model {model} for {product}; models: {', '.join(models) or 'none'}"
-                )
-            models = [model]
+            known_model(product, model)
+        models = [model] if model is not None else state.inference.models_of(product)
         return [AccuracyOut(**vars(a)) for a in scores(state.reader, product, models, window)]
 
     @app.get("/", include_in_schema=False)
