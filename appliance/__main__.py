@@ -15,16 +15,10 @@ from typing import Any
 
 import uvloop
 
-from appliance.candles import US, parse_time
+from appliance.candles import US
+from appliance.helpers.cli import cli_time
 
 log = logging.getLogger("appliance")
-
-
-def cli_time(value: str) -> int:
-    try:
-        return parse_time(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _candles_spec(value: str) -> tuple[str, Path]:

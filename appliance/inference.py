@@ -16,16 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from prometheus_client import Counter, Gauge
 
 from appliance.features import CandleSeries, feature_row, realized_volatility
+from appliance.metrics import MODEL_INFO, MODEL_REFUSED
 from appliance.registry import Manifest, RegistryError, latest_versions, load_version
 from appliance.store import PredictionRow
 
 log = logging.getLogger(__name__)
-
-MODEL_INFO = Gauge("cryptopi_model_info", "Model versions serving (value 1)", ["product", "model", "version"])
-MODEL_REFUSED = Counter("cryptopi_model_refused_total", "Registry versions refused, by product", ["product"])
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
-"""Prometheus metrics of the appliance (one registry per process, served at /metrics)."""
+"""Every Prometheus metric of the appliance, defined here only (one registry per process, at /metrics)."""
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 FEED_MESSAGES = Counter("cryptopi_feed_messages_total", "WebSocket feed messages accepted, by type", ["type"])
 FEED_REJECTED = Counter(
@@ -33,3 +33,17 @@ REST_ROWS_REJECTED = Counter(
 LAST_TRADE_TIME = Gauge(
     "cryptopi_last_trade_timestamp_seconds", "Event time of the newest committed trade", ["product"]
 )
+MODEL_INFO = Gauge("cryptopi_model_info", "Model versions serving (value 1)", ["product", "model", "version"])
+MODEL_REFUSED = Counter("cryptopi_model_refused_total", "Registry versions refused, by product", ["product"])
+REALIZED_MAE = Gauge(
+    "cryptopi_realized_mae", "Rolling MAE of realized predictions (persistence as model=persistence)",
+    ["product", "model"],
+)  # fmt: skip
+COVERAGE_80 = Gauge("cryptopi_realized_coverage_80", "Share of realized closes inside the 80% interval",
+                    ["product", "model"])  # fmt: skip
+MQTT_CONNECTED = Gauge("cryptopi_mqtt_connected", "1 while connected to the MQTT broker")
+MQTT_PUBLISHED = Counter("cryptopi_mqtt_published_total", "MQTT messages published, by kind", ["kind"])
+HTTP_LATENCY = Histogram(
+    "cryptopi_http_request_seconds", "HTTP request latency by route", ["route"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)  # fmt: skip

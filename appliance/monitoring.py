@@ -5,16 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from prometheus_client import Gauge
-
+from appliance.metrics import COVERAGE_80, REALIZED_MAE
 from appliance.store import PredictionRow, Store
-
-REALIZED_MAE = Gauge(
-    "cryptopi_realized_mae", "Rolling MAE of realized predictions (persistence as model=persistence)",
-    ["product", "model"],
-)  # fmt: skip
-COVERAGE_80 = Gauge("cryptopi_realized_coverage_80", "Share of realized closes inside the 80% interval",
-                    ["product", "model"])  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -16,19 +16,16 @@ import logging
 import re
 import threading
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from prometheus_client import Counter, Gauge
 
 from appliance import __version__
+from appliance.helpers.mqtt import mqtt_client
+from appliance.metrics import MQTT_CONNECTED, MQTT_PUBLISHED
 from appliance.store import PredictionRow
 
 log = logging.getLogger(__name__)
 
-MQTT_CONNECTED = Gauge("cryptopi_mqtt_connected", "1 while connected to the MQTT broker")
-MQTT_PUBLISHED = Counter("cryptopi_mqtt_published_total", "MQTT messages published, by kind", ["kind"])
 HA_STATUS = "homeassistant/status"
 
 
@@ -58,11 +55,6 @@ class MqttPublisher:
         ca_file: str | None = None,
         expire_after_s: int = 3 * 3600,
     ) -> None:
-        parts = urlsplit(url)
-        self.host, self.port = (
-            parts.hostname or "localhost",
-            parts.port or (8883 if parts.scheme == "mqtts" else 1883),
-        )
         self.device = slug(device_id)
         self.products = products
         self.prefix = discovery_prefix
@@ -71,11 +63,7 @@ class MqttPublisher:
         self.models: dict[str, list[str]] = {}
         self._latest: dict[str, str] = {}  # topic -> payload, re-published on every connect
         self._lock = threading.Lock()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"cryptopi-{self.device}")
-        if parts.username:
-            self.client.username_pw_set(unquote(parts.username), unquote(parts.password or "") or None)
-        if parts.scheme == "mqtts":
-            self.client.tls_set(ca_certs=ca_file)
+        self.client, self.broker = mqtt_client(url, f"cryptopi-{self.device}", ca_file=ca_file)
         self.client.will_set(self.status_topic, "offline", qos=1, retain=True)
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
         self.client.max_queued_messages_set(1000)  # bounded while the broker is away
@@ -87,9 +75,9 @@ class MqttPublisher:
         return f"cryptopi/{self.device}/{slug(product)}/{slug(model)}"
 
     def start(self) -> None:
-        self.client.connect_async(self.host, self.port, keepalive=30)
+        self.client.connect_async(self.broker.host, self.broker.port, keepalive=30)
         self.client.loop_start()
-        log.info("mqtt starting", extra={"broker": f"{self.host}:{self.port}", "device": self.device})
+        log.info("mqtt starting", extra={"broker": str(self.broker), "device": self.device})
 
     def stop(self) -> None:
         """Say ``offline`` (retained) before leaving, so dashboards know at once."""
@@ -169,7 +157,7 @@ class MqttPublisher:
             latest = list(self._latest.items())
         for topic, payload in latest:
             client.publish(topic, payload, qos=1, retain=True)
-        log.info("mqtt connected", extra={"broker": f"{self.host}:{self.port}", "republished": len(latest)})
+        log.info("mqtt connected", extra={"broker": str(self.broker), "republished": len(latest)})
 
     def _on_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any

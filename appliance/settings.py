@@ -5,12 +5,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Annotated, Literal
-from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from appliance.coinbase.messages import PRODUCT_PATTERN
+from appliance.helpers.config import check_url, load
 
 MODELS_DIR = Path(__file__).parent / "models"
 
@@ -66,46 +66,22 @@ class Settings(BaseSettings):
     @field_validator("coinbase_ws_url")
     @classmethod
     def _check_ws_url(cls, value: str) -> str:
-        return _check_url(value, ("ws", "wss"))
+        return check_url(value, ("ws", "wss"))
 
     @field_validator("coinbase_rest_url")
     @classmethod
     def _check_rest_url(cls, value: str) -> str:
-        return _check_url(value, ("http", "https"))
+        return check_url(value, ("http", "https"))
 
     @field_validator("mqtt_url")
     @classmethod
     def _check_mqtt_url(cls, value: str | None) -> str | None:
-        return _check_url(value, ("mqtt", "mqtts")) if value else None
+        return check_url(value, ("mqtt", "mqtts")) if value else None
 
     @property
     def db_path(self) -> Path:
         return self.data_dir / "cryptopi.sqlite3"
 
 
-def _check_url(value: str, schemes: tuple[str, ...]) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in schemes or not parts.hostname:
-        raise ValueError(f"{value!r} is not a {'/'.join(schemes)} URL")
-    return value
-
-
-class ConfigError(SystemExit):
-    """Bad configuration: exits with status 2 and a message naming each bad variable."""
-
-    def __init__(self, exc: ValidationError, prefix: str = "CRYPTOPI_") -> None:
-        lines = []
-        for err in exc.errors(include_url=False):
-            field = str(err["loc"][0]) if err["loc"] else "?"
-            secret = "token" in field or ("url" in field and "@" in str(err.get("input")))  # user:pass@
-            shown = "(secret)" if secret else repr(str(err.get("input"))[:60])
-            lines.append(f"  {prefix}{field.upper()}: {err['msg']} (got {shown})")
-        print("invalid configuration:\n" + "\n".join(lines), flush=True)
-        super().__init__(2)
-
-
 def load_settings(**overrides: object) -> Settings:
-    try:
-        return Settings(**overrides)  # type: ignore[arg-type]
-    except ValidationError as exc:
-        raise ConfigError(exc) from None
+    return load(Settings, "CRYPTOPI_", **overrides)

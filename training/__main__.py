@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from appliance.__main__ import cli_time
+from appliance.helpers.cli import cli_time
 from appliance.logs import setup_logging
 
 EXIT_GATE_REFUSED = 3

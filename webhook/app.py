@@ -12,19 +12,16 @@ import time
 from typing import Annotated, Literal
 
 from fastapi import FastAPI, Header, HTTPException, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
 from webhook.deployer import Deployer
+from webhook.metrics import HOOK_REQUESTS
 from webhook.payload import MAX_BODY_BYTES, REPLAYED, BadPayload, ignore_reason, parse_push
 from webhook.records import Deployment, Records
 from webhook.settings import WebhookSettings
 
 log = logging.getLogger(__name__)
-
-HOOK_REQUESTS = Counter("cryptopi_webhook_requests_total", "Hook requests by outcome", ["outcome"])
-for _outcome in ("wrong_token", "too_large", "bad_payload", "ignored", "accepted"):
-    HOOK_REQUESTS.labels(_outcome)
 
 
 class HookAnswer(BaseModel):

@@ -13,20 +13,13 @@ import logging
 import time
 from collections.abc import Callable
 from typing import Protocol
-from urllib.parse import unquote, urlsplit
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from prometheus_client import Counter, Histogram
-
+from appliance.helpers.mqtt import mqtt_client
 from webhook.engine import DeployError, ImageInfo, Unhealthy
+from webhook.metrics import DEPLOY_SECONDS, DEPLOYS
 from webhook.records import Deployment, Records
 
 log = logging.getLogger(__name__)
-
-DEPLOYS = Counter("cryptopi_webhook_deployments_total", "Deployments by how they ended", ["state"])
-DEPLOY_SECONDS = Histogram("cryptopi_webhook_deploy_seconds", "Time from start to end of a deployment",
-                           buckets=(5, 10, 20, 30, 60, 120, 300, 600))  # fmt: skip
 
 
 class DockerSide(Protocol):
@@ -156,14 +149,11 @@ class Deployer:
 
 def mqtt_notifier(url: str, device_id: str) -> Callable[[Deployment], None]:
     """Publish each ended deployment, retained, to ``cryptopi/<device>/deployment``: best effort."""
-    parts = urlsplit(url)
 
     def notify(d: Deployment) -> None:
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"cryptopi-webhook-{device_id}")
-        if parts.username:
-            client.username_pw_set(unquote(parts.username), unquote(parts.password or "") or None)
+        client, broker = mqtt_client(url, f"cryptopi-webhook-{device_id}")
         try:
-            client.connect(parts.hostname or "localhost", parts.port or 1883, keepalive=10)
+            client.connect(broker.host, broker.port, keepalive=10)
             client.loop_start()
             sent = client.publish(f"cryptopi/{device_id}/deployment", d.model_dump_json(), qos=1, retain=True)
             sent.wait_for_publish(timeout=5)

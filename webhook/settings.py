@@ -7,10 +7,11 @@ import shlex
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from appliance.settings import ConfigError, _check_url
+from appliance.helpers.config import check_url, load
+from appliance.helpers.mqtt import SCHEMES as MQTT_SCHEMES
 
 PREFIX = "CRYPTOPI_WEBHOOK_"
 #: A Docker Hub repository name, as Docker's reference grammar has it (no "..", no leading "/").
@@ -38,7 +39,7 @@ class WebhookSettings(BaseSettings):
     health_timeout_s: float = Field(180.0, gt=0, description="How long a new container has to turn healthy")
     max_push_age_s: float = Field(3600.0, gt=0, description="Older pushes are ignored as stale or replayed")
     state_dir: Path = Field(Path("/var/lib/cryptopi-webhook"), description="Deployment records (SQLite)")
-    mqtt_url: str | None = Field(None, description="mqtt://[user:pass@]host[:port] (the Pi's own broker)")
+    mqtt_url: str | None = Field(None, description="mqtt://[user:pass@]host[:port] or mqtts://…")
     mqtt_device_id: str = Field("cryptopi", pattern=r"^[A-Za-z0-9_-]{1,40}$")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["logfmt", "json"] = "logfmt"
@@ -66,7 +67,7 @@ class WebhookSettings(BaseSettings):
     @field_validator("mqtt_url")
     @classmethod
     def _check_mqtt_url(cls, value: str | None) -> str | None:
-        return _check_url(value, ("mqtt",)) if value else None
+        return check_url(value, MQTT_SCHEMES) if value else None
 
     @property
     def compose(self) -> list[str]:
@@ -81,7 +82,4 @@ class WebhookSettings(BaseSettings):
 
 
 def load_settings(**overrides: object) -> WebhookSettings:
-    try:
-        return WebhookSettings(**overrides)  # type: ignore[arg-type]
-    except ValidationError as exc:
-        raise ConfigError(exc, PREFIX) from None
+    return load(WebhookSettings, PREFIX, **overrides)

@@ -20,7 +20,7 @@ from fastapi import (
 )
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CONTENT_TYPE_LATEST, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -41,15 +41,12 @@ from appliance.candles import COINBASE_GRANULARITIES, parse_time
 from appliance.coinbase.messages import PRODUCT_PATTERN
 from appliance.inference import Inference
 from appliance.ingest import Ingester
+from appliance.metrics import HTTP_LATENCY
 from appliance.monitoring import scores
 from appliance.predictor import Predictor
 from appliance.settings import Settings
 from appliance.store import CandleRow, PredictionRow, Store
 
-LATENCY = Histogram(
-    "cryptopi_http_request_seconds", "HTTP request latency by route", ["route"],
-    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
-)  # fmt: skip
 MAX_CANDLES = 1000
 STATIC = FsPath(__file__).parent / "static"
 ERRORS = {404: {"model": ErrorOut}, 422: {"model": ErrorOut}, 503: {"model": ErrorOut}}
@@ -265,7 +262,9 @@ class Timed:
             await self.app(scope, receive, send)
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
-            histogram = self.by_route.get(route) or self.by_route.setdefault(route, LATENCY.labels(route))
+            histogram = self.by_route.get(route)
+            if histogram is None:
+                histogram = self.by_route[route] = HTTP_LATENCY.labels(route)
             histogram.observe(time.perf_counter() - started)
 
 

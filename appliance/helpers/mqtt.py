@@ -1,0 +1,51 @@
+"""One way from an ``mqtt://`` or ``mqtts://`` URL to a paho client, for the appliance and the webhook.
+
+Nothing here publishes or counts: each program adds its own topics and metrics on top.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+SCHEMES = ("mqtt", "mqtts")
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool
+    username: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def from_url(cls, url: str) -> BrokerAddress:
+        parts = urlsplit(url)
+        if parts.scheme not in SCHEMES:
+            raise ValueError(f"{url!r} is not an mqtt:// or mqtts:// URL")
+        tls = parts.scheme == "mqtts"
+        return cls(
+            parts.hostname or "localhost",
+            parts.port or (8883 if tls else 1883),
+            tls,
+            unquote(parts.username) if parts.username else None,
+            unquote(parts.password) if parts.password else None,
+        )
+
+    def __str__(self) -> str:  # never the credentials: this goes into logs and /health
+        return f"{self.host}:{self.port}"
+
+
+def mqtt_client(url: str, client_id: str, *, ca_file: str | None = None) -> tuple[mqtt.Client, BrokerAddress]:
+    """A paho client (callback API v2) with the URL's credentials and TLS set, not yet connected."""
+    broker = BrokerAddress.from_url(url)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
+    if broker.username:
+        client.username_pw_set(broker.username, broker.password)
+    if broker.tls:
+        client.tls_set(ca_certs=ca_file)
+    return client, broker
