@@ -8,8 +8,9 @@ order of float additions. The store, the replay server and the tests' oracle all
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -80,6 +81,66 @@ class Candle:
     @property
     def volume(self) -> float:
         return self.volume_e8 / SIZE_SCALE
+
+
+@dataclass(frozen=True, slots=True)
+class CandleRow:
+    """A closed candle as stored and served: open time (epoch seconds), OHLC and volume in base units."""
+
+    start: int
+    open: float
+    high: float
+    low: float
+    close: float
+    volume: float
+    trades: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IngestState:
+    """How far a product's trade-built candles reach: the trade ids and times ingest has covered."""
+
+    product: str
+    first_trade_id: int
+    last_trade_id: int
+    last_trade_time_us: int
+    first_trade_time_us: int | None = None  # None: ingested before coverage was recorded
+
+
+def check_ohlcv(open_: float | Decimal, high: float | Decimal, low: float | Decimal,
+                close: float | Decimal, volume: float | Decimal) -> None:  # fmt: skip
+    """ValueError unless the values make a candle: finite, positive prices inside the range, volume >= 0.
+
+    One rule for every source (REST rows, CSV files), so no path accepts what another refuses.
+    """
+    if not all(math.isfinite(v) for v in (open_, high, low, close, volume)):
+        raise ValueError("non-finite value")
+    if not (0 < low <= min(open_, close) and max(open_, close) <= high) or volume < 0:
+        raise ValueError("inconsistent OHLCV")
+
+
+def splice(
+    history: Sequence[CandleRow],
+    built: Sequence[CandleRow],
+    state: IngestState | None,
+    granularity: int,
+) -> list[CandleRow]:
+    """The best closed candles of a product, oldest first: imported history, then trade-built candles.
+
+    Trade-built candles are exact but complete only from the first bucket ingest covered whole; the
+    bucket of the newest trade may still be open, so it is left out. Before the first trade-built
+    candle used, history stands in.
+    """
+    if state is None:
+        return list(history)
+    if state.first_trade_time_us is not None:  # the first bucket ingest saw from its start
+        covered_from = -(-state.first_trade_time_us // (granularity * US)) * granularity
+    else:  # ingested before coverage was recorded: trust trade candles only after the history
+        covered_from = history[-1].start + granularity if history else 2**62
+    open_bucket = bucket_start(state.last_trade_time_us, granularity)
+    whole = [r for r in built if covered_from <= r.start != open_bucket]
+    cut = whole[0].start if whole else open_bucket
+    return [r for r in history if r.start < cut] + whole
 
 
 def bucket_start(time_us: int, granularity: int) -> int:

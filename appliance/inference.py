@@ -19,8 +19,8 @@ import onnxruntime as ort
 
 from appliance.features import CandleSeries, feature_row, realized_volatility
 from appliance.metrics import MODEL_INFO, MODEL_REFUSED
+from appliance.predictions import PredictionRow
 from appliance.registry import Manifest, RegistryError, latest_versions, load_version
-from appliance.store import PredictionRow
 
 log = logging.getLogger(__name__)
 

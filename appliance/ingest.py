@@ -39,6 +39,21 @@ PRUNE_EVERY_S = 600.0
 REPORT_EVERY_S = 60.0
 
 
+Step = Literal["start", "apply", "duplicate", "repair"]
+
+
+def next_step(last_trade_id: int | None, trade_id: int) -> Step:
+    """What a trade from the feed calls for, given the id ingest holds up to (None: nothing yet).
+
+    ``repair``: trades between are missing and must come from REST before this one can be applied.
+    """
+    if last_trade_id is None:
+        return "start"
+    if trade_id <= last_trade_id:
+        return "duplicate"
+    return "apply" if trade_id == last_trade_id + 1 else "repair"
+
+
 @dataclass(slots=True)
 class ProductCursor:
     """What one product's ingest holds: the committed cursor and the uncommitted candle deltas."""
@@ -77,18 +92,13 @@ class Ingester:
         store: Store,
         rest: CoinbaseRest,
         feed: CoinbaseFeed | None = None,
-        on_commit: Callable[[], None] | None = None,
     ):
         self.settings = settings
         self.store = store
         self.rest = rest
-        self.feed = feed or CoinbaseFeed(
-            settings.coinbase_ws_url,
-            settings.products,
-            watchdog_s=settings.feed_watchdog_s,
-            reconnect_max_s=settings.reconnect_max_s,
-        )
-        self.on_commit = on_commit  # told after each commit (e.g. to look for a closed candle)
+        self.feed = feed or CoinbaseFeed.from_settings(settings)
+        #: Told after each commit that stored trades (to look for a closed candle, stream the price).
+        self.listeners: list[Callable[[], None]] = []
         self.cursors: dict[str, ProductCursor] = {}
         for product in settings.products:
             state = store.ingest_state(product)
@@ -127,19 +137,28 @@ class Ingester:
             flusher.cancel()
             self.commit()
 
+    @property
+    def connected(self) -> bool:
+        return self.feed.connected
+
+    def last_trade_time_us(self, product: str) -> int | None:
+        """Event time of the newest trade held (committed or not), None before the first."""
+        cursor = self.cursors.get(product)
+        return cursor.last_time_us or None if cursor else None
+
     async def _on_trade(self, trade: Trade) -> None:
         c = self.cursors[trade.product]
-        if c.last_trade_id is None:
-            self._apply(c, trade, "feed")
-            return
-        if trade.trade_id <= c.last_trade_id:
+        step = next_step(c.last_trade_id, trade.trade_id)
+        if step == "duplicate":
             FEED_REJECTED.labels("duplicate").inc()
             return
-        if trade.trade_id > c.last_trade_id + 1:
+        if step == "repair":
+            assert c.last_trade_id is not None
             await self._repair(c, trade.trade_id - 1)
-        if trade.trade_id == c.last_trade_id + 1:
+            step = next_step(c.last_trade_id, trade.trade_id)
+        if step in ("start", "apply"):
             self._apply(c, trade, "feed")
-        elif trade.trade_id > c.last_trade_id:
+        else:
             # REST does not know the trades before it (yet): hold off; a later frame retries the repair.
             FEED_REJECTED.labels("unconfirmed").inc()
             log.warning(
@@ -225,8 +244,9 @@ class Ingester:
             c.minute_closed = False
             committed = True
         self._last_commit = time.monotonic()
-        if committed and self.on_commit:
-            self.on_commit()
+        if committed:
+            for listener in self.listeners:
+                listener()
 
     async def _flush_periodically(self) -> None:
         retention_s = self.settings.minute_retention_days * 86_400

@@ -15,6 +15,7 @@ import json
 import logging
 import re
 import threading
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -22,7 +23,7 @@ import paho.mqtt.client as mqtt
 from appliance import __version__
 from appliance.helpers.mqtt import mqtt_client
 from appliance.metrics import MQTT_CONNECTED, MQTT_PUBLISHED
-from appliance.store import PredictionRow
+from appliance.predictions import PredictionRow
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ class MqttPublisher:
         discovery_prefix: str = "homeassistant",
         ca_file: str | None = None,
         expire_after_s: int = 3 * 3600,
+        models_of: Callable[[str], list[str]] = lambda product: [],
+        accuracy: Mapping[tuple[str, str], dict[str, float | None]] | None = None,
     ) -> None:
         self.device = slug(device_id)
         self.products = products
@@ -61,6 +64,8 @@ class MqttPublisher:
         self.expire_after_s = expire_after_s
         self.status_topic = f"cryptopi/{self.device}/status"
         self.models: dict[str, list[str]] = {}
+        self.models_of = models_of  # which models serve a product (announced as sensors)
+        self.accuracy = accuracy if accuracy is not None else {}  # rolling accuracy per (product, model)
         self._latest: dict[str, str] = {}  # topic -> payload, re-published on every connect
         self._lock = threading.Lock()
         self.client, self.broker = mqtt_client(url, f"cryptopi-{self.device}", ca_file=ca_file)
@@ -96,12 +101,16 @@ class MqttPublisher:
             if self.client.is_connected():
                 self.announce()
 
-    def publish(
-        self, rows: list[PredictionRow], accuracy: dict[tuple[str, str], dict[str, float | None]]
-    ) -> None:
+    def on_predictions(self, rows: list[PredictionRow]) -> None:
+        """New predictions: announce their products' models if they changed, then publish them."""
+        for product in {r.product for r in rows}:
+            self.set_models(product, self.models_of(product))
+        self.publish(rows)
+
+    def publish(self, rows: list[PredictionRow]) -> None:
         for row in rows:
             topic = self.topic(row.product, row.model)
-            payload = json.dumps(prediction_payload(row, accuracy.get((row.product, row.model))))
+            payload = json.dumps(prediction_payload(row, self.accuracy.get((row.product, row.model))))
             with self._lock:
                 self._latest[topic] = payload
             self.client.publish(topic, payload, qos=1, retain=True)

@@ -10,12 +10,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from appliance.features import WINDOW, CandleSeries, MissingHistory
 from appliance.inference import Inference
-from appliance.monitoring import publish, scores
-from appliance.store import PredictionRow, Store
+from appliance.metrics import COVERAGE_80, REALIZED_MAE
+from appliance.predictions import Accuracy, PredictionRow, accuracy
+from appliance.store import Store
 
 log = logging.getLogger(__name__)
 RELOAD_EVERY_S = 10.0
@@ -69,8 +70,11 @@ class Predictor:
     def score(self, product: str) -> None:
         """Refresh the rolling accuracy (a week of hours) after new closes came in."""
         scored = scores(self.store, product, self.inference.models_of(product), ACCURACY_WINDOW)
-        publish(product, scored)
         for a in scored:
+            if a.mae is not None:
+                REALIZED_MAE.labels(product, a.model).set(a.mae)
+                REALIZED_MAE.labels(product, "persistence").set(a.persistence_mae or 0.0)
+                COVERAGE_80.labels(product, a.model).set(a.coverage_80 or 0.0)
             self.accuracy[product, a.model] = {"mae": a.mae, "persistence_mae": a.persistence_mae,
                                                "skill": a.skill, "coverage_80": a.coverage_80}  # fmt: skip
 
@@ -84,3 +88,8 @@ class Predictor:
                 self.inference.reload()
                 last_reload = time.monotonic()
             self.step()
+
+
+def scores(store: Store, product: str, models: Sequence[str], window: int) -> list[Accuracy]:
+    """Each model's accuracy over its newest ``window`` predictions."""
+    return [accuracy(m, store.predictions(product, model=m, limit=window)) for m in models]

@@ -18,7 +18,8 @@ from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Literal
 
-from appliance.candles import SIZE_SCALE, US, Candle, bucket_start
+from appliance.candles import SIZE_SCALE, Candle, CandleRow, IngestState, bucket_start, splice
+from appliance.predictions import PredictionRow
 
 log = logging.getLogger(__name__)
 
@@ -74,46 +75,6 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 CandleSource = Literal["trades", "history"]
-
-
-@dataclass(frozen=True, slots=True)
-class CandleRow:
-    start: int
-    open: float
-    high: float
-    low: float
-    close: float
-    volume: float
-    trades: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class IngestState:
-    product: str
-    first_trade_id: int
-    last_trade_id: int
-    last_trade_time_us: int
-    first_trade_time_us: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class PredictionRow:
-    """One model's prediction of the close of the candle after ``as_of`` (all times epoch seconds)."""
-
-    product: str
-    model: str
-    as_of: int  # close time of the candle the prediction starts from
-    model_version: str
-    granularity: int
-    target_time: int  # close time of the predicted candle
-    last_close: float
-    predicted_close: float
-    lower_80: float
-    upper_80: float
-    lower_95: float
-    upper_95: float
-    created_at: float
-    realized_close: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,9 +278,7 @@ class Store:
     def series_rows(self, product: str, granularity: int, *, last: int | None = None) -> list[CandleRow]:
         """The best closed candles of a product, oldest first (only the newest ``last`` if given).
 
-        Trade-built candles are exact but complete only from the first bucket that ingest covered
-        whole; before that, imported history stands in. The bucket of the newest trade may still be
-        open, so it is left out.
+        What "best" means is :func:`appliance.candles.splice`; this only reads what it needs.
         """
         state = self.ingest_state(product)
         newest = self._db.execute(
@@ -332,19 +291,8 @@ class Store:
             return []
         since = newest - (last + 1) * granularity if last is not None else None
         history = self.candles(product, granularity, source="history", start=since)
-        if state is None:
-            return history[-last:] if last else history
-        if state.first_trade_time_us is not None:
-            first_us = state.first_trade_time_us
-            covered_from = -(-first_us // (granularity * US)) * granularity  # first whole bucket
-        else:  # ingested before coverage was recorded: trust trade candles only after the history
-            covered_from = history[-1].start + granularity if history else 2**62
-        open_bucket = bucket_start(state.last_trade_time_us, granularity)
-        first = covered_from if since is None else max(covered_from, since)
-        built = [r for r in self.candles(product, granularity, source="trades", start=first)
-                 if r.start != open_bucket]  # fmt: skip
-        cut = built[0].start if built else open_bucket
-        rows = [r for r in history if r.start < cut] + built
+        built = self.candles(product, granularity, source="trades", start=since) if state else []
+        rows = splice(history, built, state, granularity)
         return rows[-last:] if last else rows
 
     # -- predictions ------------------------------------------------------------------------------

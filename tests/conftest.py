@@ -18,9 +18,10 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
+from appliance.candle_csv import read_candle_csv
 from appliance.candles import TRADE_GRANULARITIES, Candle, Trade, aggregate
-from appliance.coinbase.tape import load_tape, read_candle_csv
 from appliance.features import CandleSeries
+from appliance.replay.tape import load_tape
 from appliance.settings import Settings
 from appliance.store import Store
 

@@ -4,10 +4,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from appliance.backfill import backfill, import_csv
-from appliance.coinbase.replay import ReplayServer
+from appliance.candle_csv import read_candle_csv
 from appliance.coinbase.rest import CoinbaseRest
-from appliance.coinbase.tape import load_tape, read_candle_csv
+from appliance.history import backfill, import_csv
+from appliance.replay.server import ReplayServer
+from appliance.replay.tape import load_tape
 from appliance.store import Store
 from tests.conftest import BTC_1H, REPO, SEPT_2025, replay_process
 

@@ -3,10 +3,10 @@
 import asyncio
 from pathlib import Path
 
-from appliance.coinbase.hostile import HostileFrame, catalogue
-from appliance.coinbase.replay import ReplayServer
 from appliance.coinbase.rest import CoinbaseRest
 from appliance.ingest import Ingester
+from appliance.replay.hostile import HostileFrame, catalogue
+from appliance.replay.server import ReplayServer
 from appliance.store import Store
 from tests.conftest import MetricDelta, assert_store_matches_tape, make_settings, wait_for
 

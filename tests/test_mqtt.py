@@ -8,7 +8,7 @@ import pytest
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from appliance.mqtt import MqttPublisher
-from appliance.store import PredictionRow
+from appliance.predictions import PredictionRow
 from tests.conftest import Broker, MqttWatcher
 
 PRODUCTS = ("BTC-USD", "ETH-USD")
@@ -69,7 +69,7 @@ class HaSensor(BaseModel):
 
 @pytest.fixture
 def publisher(broker: Broker):
-    p = MqttPublisher(broker.url, "pi-test", PRODUCTS)
+    p = MqttPublisher(broker.url, "pi-test", PRODUCTS, accuracy={("BTC-USD", "cnn"): {"mae": 250.0}})
     for product in PRODUCTS:
         p.set_models(product, ["cnn", "lasso"])
     p.start()
@@ -80,7 +80,7 @@ def publisher(broker: Broker):
 def test_predictions_are_retained_with_availability_and_discovery(
     broker: Broker, publisher: MqttPublisher
 ) -> None:
-    publisher.publish([row("BTC-USD", "cnn", 7200, 100_000.0)], {("BTC-USD", "cnn"): {"mae": 250.0}})
+    publisher.publish([row("BTC-USD", "cnn", 7200, 100_000.0)])
     # A subscriber that arrives later still gets everything: it is retained.
     watcher = MqttWatcher(broker.port, ["cryptopi/#", "homeassistant/#"])
     try:
@@ -122,12 +122,12 @@ def test_discovery_is_repeated_when_home_assistant_comes_online(
 def test_broker_restart_is_survived_and_the_latest_values_come_back(
     broker: Broker, publisher: MqttPublisher
 ) -> None:
-    publisher.publish([row("ETH-USD", "lasso", 7200, 3000.0)], {})
+    publisher.publish([row("ETH-USD", "lasso", 7200, 3000.0)])
     watcher = MqttWatcher(broker.port, ["cryptopi/#"])
     watcher.wait(lambda: "cryptopi/pi-test/eth-usd/lasso" in watcher.last, 10, "the first value")
     watcher.close()
     broker.stop()  # no persistence: every retained message is gone with it
-    publisher.publish([row("ETH-USD", "lasso", 10800, 3100.0)], {})  # while the broker is away
+    publisher.publish([row("ETH-USD", "lasso", 10800, 3100.0)])  # while the broker is away
     broker.start()
     watcher = MqttWatcher(broker.port, ["cryptopi/#"])
     try:

@@ -6,9 +6,9 @@ import httpx
 import pytest
 
 from appliance.candles import aggregate
-from appliance.coinbase.replay import ReplayServer
 from appliance.coinbase.rest import CoinbaseRest, CoinbaseRestError
-from appliance.coinbase.tape import load_tape
+from appliance.replay.server import ReplayServer
+from appliance.replay.tape import load_tape
 from tests.conftest import BTC_1H, SEPT_2025
 
 

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance.candles import Candle
-from appliance.store import MIGRATIONS, CandleRow, IngestState, PredictionRow, Store
+from appliance.candles import Candle, CandleRow, IngestState
+from appliance.predictions import PredictionRow
+from appliance.store import MIGRATIONS, Store
 
 
 def test_fresh_database_is_migrated_and_in_wal(tmp_path: Path) -> None:

@@ -6,8 +6,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from appliance.candle_csv import CandleCsvError, infer_granularity, read_candle_csv
 from appliance.candles import aggregate, parse_time
-from appliance.coinbase.tape import CandleCsvError, infer_granularity, load_tape, read_candle_csv, shift_tape
+from appliance.replay.tape import load_tape, shift_tape
 from tests.conftest import BTC_1H, BTC_1M, SEPT_2025, replay_process
 
 

@@ -17,7 +17,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from appliance.backfill import import_csv
+from appliance.history import import_csv
 from appliance.registry import RegistryError, latest, latest_versions, load_version
 from appliance.store import Store
 from tests.conftest import BTC_1H, REPO

@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from appliance.candle_csv import read_candle_csv
 from appliance.candles import parse_time
-from appliance.coinbase.tape import read_candle_csv
 from appliance.features import WINDOW, CandleSeries
 from appliance.inference import Inference
 from appliance.store import Store

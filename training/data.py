@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from appliance.coinbase.tape import read_candle_csv
+from appliance.candle_csv import read_candle_csv
 from appliance.features import CandleSeries, feature_matrix
 from appliance.store import Store
 

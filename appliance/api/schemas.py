@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, Literal
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
+from fastapi import Path
 from pydantic import BaseModel, Field
 
+from appliance.candles import CandleRow
 from appliance.coinbase.messages import PRODUCT_PATTERN
+from appliance.predictions import PredictionRow
+
+ProductPath = Annotated[str, Path(pattern=PRODUCT_PATTERN, examples=["BTC-USD"])]
 
 
 class Interval(BaseModel):
@@ -46,6 +51,17 @@ class PredictionResult(BaseModel):
     realized_close: float | None = Field(None, description="Set once the predicted candle has closed")
     data_age_s: float | None = Field(description="Seconds since the newest trade the appliance holds")
 
+    @classmethod
+    def of(cls, row: PredictionRow, level: float, data_age_s: float | None) -> PredictionResult:
+        lower, upper = (row.lower_80, row.upper_80) if level == 0.8 else (row.lower_95, row.upper_95)
+        return cls(
+            product=row.product, model=row.model, model_version=row.model_version,
+            granularity=row.granularity, as_of=datetime.fromtimestamp(row.as_of, UTC),
+            target_time=datetime.fromtimestamp(row.target_time, UTC), predicted_close=row.predicted_close,
+            interval=Interval(lower=lower, upper=upper, level=level), last_close=row.last_close,
+            data_age_s=data_age_s, realized_close=row.realized_close,
+        )  # fmt: skip
+
 
 class CandleOut(BaseModel):
     time: datetime = Field(description="Candle open time")
@@ -54,6 +70,11 @@ class CandleOut(BaseModel):
     low: float
     close: float
     volume: float
+
+    @classmethod
+    def of(cls, r: CandleRow) -> CandleOut:
+        return cls(time=datetime.fromtimestamp(r.start, UTC), open=r.open, high=r.high, low=r.low,
+                   close=r.close, volume=r.volume)  # fmt: skip
 
 
 class ProductHealth(BaseModel):

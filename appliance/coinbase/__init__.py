@@ -1,1 +1,1 @@
-"""Coinbase Exchange protocol: wire messages, REST and WebSocket clients, and the offline replay server."""
+"""Coinbase Exchange protocol as the appliance speaks it in production: wire messages, REST, the feed."""

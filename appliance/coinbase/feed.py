@@ -10,15 +10,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
+from appliance.coinbase.backoff import backoff_delay
 from appliance.coinbase.messages import (
     ErrorMessage,
     HeartbeatMessage,
@@ -27,7 +28,11 @@ from appliance.coinbase.messages import (
     SubscriptionsMessage,
     parse_feed_frame,
 )
+from appliance.logs import ThrottledLog
 from appliance.metrics import FEED_CONNECTED, FEED_CONNECTS, FEED_DISCONNECTS, FEED_MESSAGES, FEED_REJECTED
+
+if TYPE_CHECKING:
+    from appliance.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -46,28 +51,6 @@ class Disconnected:
 
 
 FeedEvent = MatchMessage | HeartbeatMessage | Connected | Disconnected
-
-
-def backoff_delay(failures: int, cap_s: float, base_s: float = 0.25) -> float:
-    """Exponential back-off with full jitter; bounded however long the outage lasts."""
-    return random.uniform(0, min(cap_s, base_s * 2 ** min(failures, 32)))
-
-
-class ThrottledLog:
-    """At most one line per key and interval, saying how many were suppressed: floods stay readable."""
-
-    def __init__(self, logger: logging.Logger, interval_s: float = 5.0) -> None:
-        self._log, self._interval = logger, interval_s
-        self._last: dict[str, tuple[float, int]] = {}
-
-    def warning(self, key: str, msg: str, **fields: object) -> None:
-        now = time.monotonic()
-        last, suppressed = self._last.get(key, (-1e9, 0))
-        if now - last < self._interval:
-            self._last[key] = (last, suppressed + 1)
-            return
-        self._last[key] = (now, 0)
-        self._log.warning(msg, extra={**fields, "suppressed": suppressed} if suppressed else fields)
 
 
 class Watchdog:
@@ -114,6 +97,15 @@ class CoinbaseFeed:
         self.connected = False
         self.last_message_at: float | None = None  # time.time() of the newest valid message
         self._rejects = ThrottledLog(log)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> CoinbaseFeed:
+        return cls(
+            settings.coinbase_ws_url,
+            settings.products,
+            watchdog_s=settings.feed_watchdog_s,
+            reconnect_max_s=settings.reconnect_max_s,
+        )
 
     async def events(self) -> AsyncIterator[FeedEvent]:
         failures = 0

@@ -12,15 +12,17 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from appliance.candles import COINBASE_GRANULARITIES, Trade
-from appliance.coinbase.feed import backoff_delay
+from appliance.candles import COINBASE_GRANULARITIES, CandleRow, Trade, check_ohlcv
+from appliance.coinbase.backoff import backoff_delay
 from appliance.coinbase.messages import parse_trade_rows
 from appliance.metrics import REST_REQUESTS, REST_ROWS_REJECTED
-from appliance.store import CandleRow
+
+if TYPE_CHECKING:
+    from appliance.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,13 @@ class CoinbaseRest:
         self._limiter = RateLimiter(rate_per_s)
         self._max_attempts = max_attempts
         self._max_backoff_s = max_backoff_s
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> CoinbaseRest:
+        """The client every part of the appliance uses (make it inside the loop that will close it)."""
+        return cls(
+            settings.coinbase_rest_url, rate_per_s=settings.rest_rate_per_s, timeout_s=settings.rest_timeout_s
+        )
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -196,12 +205,11 @@ def parse_candle_rows(payload: Any, granularity: int) -> tuple[list[CandleRow], 
             if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in raw):
                 raise ValueError("non-numeric field")
             t, low, high, open_, close, volume = raw
-            if not all(math.isfinite(v) for v in raw):
+            if not math.isfinite(t):
                 raise ValueError("non-finite value")
+            check_ohlcv(open_, high, low, close, volume)
             if t != int(t) or int(t) % granularity:
                 raise ValueError(f"time {t} is not on a {granularity}s boundary")
-            if not (0 < low <= min(open_, close) and max(open_, close) <= high) or volume < 0:
-                raise ValueError("inconsistent OHLCV")
         except ValueError as exc:
             problems.append(f"{exc}: {str(raw)[:80]}")
             continue

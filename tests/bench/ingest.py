@@ -21,7 +21,7 @@ from pathlib import Path
 import websockets
 
 from appliance.coinbase.messages import MatchMessage, parse_feed_frame
-from appliance.coinbase.tape import load_tape
+from appliance.replay.tape import load_tape
 from appliance.store import Store
 from tests.conftest import BTC_1M, REPO, replay_process
 

@@ -7,79 +7,16 @@ last 1e-8), so hours or days of a real market can be replayed through the real p
 
 from __future__ import annotations
 
-import csv
 import random
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from decimal import ROUND_HALF_EVEN, Decimal
 from itertools import pairwise
 from pathlib import Path
 
-from appliance.candles import (
-    COINBASE_GRANULARITIES,
-    US,
-    Side,
-    Trade,
-    format_price,
-    format_time,
-    parse_size_e8,
-    parse_time,
-)
+from appliance.candle_csv import CandleCsvError, CsvCandle, infer_granularity, read_candle_csv
+from appliance.candles import US, Side, Trade, format_price, format_time, parse_size_e8
 from appliance.coinbase.messages import MatchMessage, parse_feed_frame
-from appliance.store import CandleRow
-
-
-@dataclass(frozen=True, slots=True)
-class CsvCandle:
-    """A candle as written in the CSV files: prices kept as their exact decimal text."""
-
-    start: int
-    open: str
-    high: str
-    low: str
-    close: str
-    volume: str
-
-    def row(self) -> CandleRow:
-        return CandleRow(
-            self.start,
-            float(self.open),
-            float(self.high),
-            float(self.low),
-            float(self.close),
-            float(self.volume),
-        )
-
-
-class CandleCsvError(ValueError):
-    pass
-
-
-def read_candle_csv(path: Path, granularity: int | None = None) -> Iterator[CsvCandle]:
-    """Rows of a ``time,open,high,low,close,volume`` file (ISO UTC open time), checked as read."""
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        expected = ["time", "open", "high", "low", "close", "volume"]
-        if reader.fieldnames != expected:
-            raise CandleCsvError(f"{path}: header must be {','.join(expected)}, got {reader.fieldnames}")
-        previous = None
-        for line, rec in enumerate(reader, start=2):
-            try:
-                start = parse_time(rec["time"])
-                o, h, lo, c = (Decimal(rec[k]) for k in ("open", "high", "low", "close"))
-                v = Decimal(rec["volume"])
-                if not all(x.is_finite() for x in (o, h, lo, c, v)):
-                    raise ValueError("non-finite value")
-                if not (0 < lo <= min(o, c) and max(o, c) <= h) or v < 0:
-                    raise ValueError("inconsistent OHLCV")
-            except (ValueError, ArithmeticError, TypeError) as exc:
-                raise CandleCsvError(f"{path}:{line}: {exc}") from None
-            if granularity and start % granularity:
-                raise CandleCsvError(f"{path}:{line}: {rec['time']} is not on a {granularity}s boundary")
-            if previous is not None and start <= previous:
-                raise CandleCsvError(f"{path}:{line}: rows must be in ascending time order")
-            previous = start
-            yield CsvCandle(start, rec["open"], rec["high"], rec["low"], rec["close"], rec["volume"])
 
 
 def trades_from_candles(
@@ -165,15 +102,6 @@ def match_frame(t: Trade, kind: str, sequence: int = 0) -> dict[str, object]:
         "sequence": sequence,
         "time": format_time(t.time_us),
     }
-
-
-def infer_granularity(starts: Sequence[int]) -> int:
-    """The spacing of a candle file: the smallest step between rows (gaps only widen steps)."""
-    steps = {b - a for a, b in pairwise(starts)}
-    g = min(steps, default=0)
-    if g not in COINBASE_GRANULARITIES:
-        raise CandleCsvError(f"rows are {g}s apart; expected one of {COINBASE_GRANULARITIES}")
-    return g
 
 
 def load_tape(

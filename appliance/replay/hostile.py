@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from appliance.candles import Trade
-from appliance.coinbase.tape import match_frame
+from appliance.replay.tape import match_frame
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,7 @@ a client that disconnects misses real trades and must repair them over REST, exa
 Coinbase. ``speed=0`` replays as fast as the subscribers read (the market waits for them).
 
 Fault injection is per connection and seeded: dropped connections, silences, omitted and
-duplicated trades and hostile frames from :mod:`appliance.coinbase.hostile`.
+duplicated trades and hostile frames from :mod:`appliance.replay.hostile`.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from appliance.candles import (
     format_time,
     parse_time,
 )
-from appliance.coinbase import hostile
-from appliance.coinbase.tape import match_frame
+from appliance.replay import hostile
+from appliance.replay.tape import match_frame
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""One APIRouter per resource; ``appliance.api.app.create_app`` composes them."""

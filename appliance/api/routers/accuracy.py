@@ -1,0 +1,28 @@
+"""Realized accuracy of the predictions that came due, beside persistence on the same candles."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from appliance.api.errors import ERRORS
+from appliance.api.schemas import AccuracyOut, ProductPath
+from appliance.api.state import State
+from appliance.predictor import scores
+
+router = APIRouter(tags=["accuracy"])
+
+
+@router.get("/api/accuracy/{product}", response_model=list[AccuracyOut], responses=ERRORS)
+async def accuracy(
+    product: ProductPath,
+    state: State,
+    model: Annotated[str | None, Query(pattern=r"^[a-z0-9_]{1,32}$")] = None,
+    window: Annotated[int, Query(ge=1, le=10_000, description="Newest predictions scored")] = 168,
+) -> list[AccuracyOut]:
+    state.known(product)
+    if model is not None:
+        state.known_model(product, model)
+    models = [model] if model is not None else state.inference.models_of(product)
+    return [AccuracyOut(**vars(a)) for a in scores(state.reader, product, models, window)]

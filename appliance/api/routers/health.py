@@ -1,0 +1,35 @@
+"""Is the appliance alive (``/livez``), and is it doing its job (``/health``)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from appliance import __version__
+from appliance.api.schemas import Health, ProductHealth
+from appliance.api.state import State
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/livez")
+async def livez() -> dict[str, bool]:
+    """The process answers (for container health checks and as the benchmark's trivial endpoint)."""
+    return {"alive": True}
+
+
+@router.get("/health", response_model=Health)
+async def health(state: State) -> Health:
+    products = {}
+    for product in state.settings.products:
+        loaded = state.inference.serving.get(product)
+        missing = state.predictor.missing.get(product)
+        products[product] = ProductHealth(
+            data_age_s=state.data_age_s(product),
+            model_version=loaded.manifest.version if loaded else None,
+            models=state.inference.models_of(product),
+            prediction=missing or "ok",
+        )
+    connected = bool(state.ingest and state.ingest.connected)
+    ok = connected and all(p.prediction == "ok" for p in products.values())
+    return Health(status="ok" if ok else "degraded", version=__version__, build=state.settings.build,
+                  ingest_connected=connected, products=products)  # fmt: skip

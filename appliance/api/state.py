@@ -1,0 +1,74 @@
+"""What the routes read: a narrow view of the running appliance, injected (tests build it from real parts).
+
+The API never reaches into ingest: it sees :class:`IngestView` (is the feed connected, how fresh is a
+product's data), which the ingester provides.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Annotated, Protocol
+
+from fastapi import Depends, HTTPException, Request
+
+from appliance.api.stream import Hub
+from appliance.inference import Inference
+from appliance.predictions import PredictionRow
+from appliance.predictor import Predictor
+from appliance.settings import Settings
+from appliance.store import Store
+
+
+class IngestView(Protocol):
+    @property
+    def connected(self) -> bool: ...
+
+    def last_trade_time_us(self, product: str) -> int | None: ...
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    reader: Store
+    inference: Inference
+    predictor: Predictor
+    ingest: IngestView | None = None
+    hub: Hub = field(default_factory=Hub)
+    #: The newest prediction per (product, model), kept as it is made: reading it costs nothing.
+    latest: dict[tuple[str, str], PredictionRow] = field(default_factory=dict)
+
+    def keep(self, rows: list[PredictionRow]) -> None:
+        for r in rows:
+            if r.as_of >= getattr(self.latest.get((r.product, r.model)), "as_of", 0):
+                self.latest[r.product, r.model] = r
+
+    def data_age_s(self, product: str) -> float | None:
+        last_us = self.ingest.last_trade_time_us(product) if self.ingest else None
+        if not last_us:
+            state = self.reader.ingest_state(product)
+            last_us = state.last_trade_time_us if state else None
+        return round(time.time() - last_us / 1e6, 3) if last_us else None
+
+    def known(self, product: str) -> str:
+        """``product``, or a 404 naming the products served."""
+        if product not in self.settings.products:
+            served = ", ".join(self.settings.products)
+            raise HTTPException(404, f"unknown product {product}; this appliance serves {served}")
+        return product
+
+    def known_model(self, product: str, model: str) -> None:
+        names = self.inference.models_of(product)
+        if model not in names:
+            raise HTTPException(
+                404, f"no model {model} for {product}; models: {', '.join(names) or 'none loaded'}"
+            )
+
+
+async def app_state(request: Request) -> AppState:
+    """The dependency every route reads the appliance through (async: no worker-thread hop)."""
+    state: AppState = request.app.state.appliance
+    return state
+
+
+State = Annotated[AppState, Depends(app_state)]
