@@ -25,6 +25,8 @@ TRADE_GRANULARITIES = (MINUTE, HOUR)
 #: Granularities Coinbase's REST candles endpoint accepts.
 COINBASE_GRANULARITIES = (60, 300, 900, 3600, 21600, 86400)
 
+#: A Coinbase product id, ``BASE-QUOTE`` (BTC-USD, ETH-EUR).
+PRODUCT_PATTERN = r"^[A-Z0-9]{1,12}-[A-Z0-9]{1,12}$"
 Side = Literal["buy", "sell"]
 _SIZE = re.compile(r"^(\d{1,12})(?:\.(\d{1,8}))?$")
 _PRICE = re.compile(r"^\d{1,12}(?:\.\d{1,12})?$")

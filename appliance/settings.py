@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from appliance.coinbase.messages import PRODUCT_PATTERN
+from appliance.candles import PRODUCT_PATTERN
 from appliance.helpers.config import check_url, load
 
 MODELS_DIR = Path(__file__).parent / "models"

@@ -8,8 +8,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Path
 from pydantic import BaseModel, Field
 
-from appliance.candles import CandleRow
-from appliance.coinbase.messages import PRODUCT_PATTERN
+from appliance.candles import PRODUCT_PATTERN, CandleRow
 from appliance.predictions import PredictionRow
 
 ProductPath = Annotated[str, Path(pattern=PRODUCT_PATTERN, examples=["BTC-USD"])]

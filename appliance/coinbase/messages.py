@@ -24,11 +24,10 @@ from pydantic import (
     ValidationError,
 )
 
-from appliance.candles import Trade, parse_price, parse_size_e8, to_time_us
+from appliance.candles import PRODUCT_PATTERN, Trade, parse_price, parse_size_e8, to_time_us
 
 T = TypeVar("T")
 
-PRODUCT_PATTERN = r"^[A-Z0-9]{1,12}-[A-Z0-9]{1,12}$"
 ProductId = Annotated[str, StringConstraints(pattern=PRODUCT_PATTERN)]
 
 
