@@ -24,6 +24,7 @@ from appliance.coinbase.rest import (
     CoinbaseRestError,
     validate_granularity,
 )
+from appliance.health import Conditions
 from appliance.store import Store, UpsertResult
 
 log = logging.getLogger(__name__)
@@ -126,9 +127,11 @@ class HistoryKeeper:
         products: Sequence[str],
         hours: int,
         on_filled: Callable[[], None] = lambda: None,
+        health: Conditions | None = None,
     ) -> None:
         self.store, self.rest, self.products, self.hours = store, rest, tuple(products), hours
         self.on_filled = on_filled  # told after new history arrived (e.g. to predict at once)
+        self.health = health or Conditions()
         self._committed = asyncio.Event()
         self._checked: dict[str, int] = {}
 

@@ -21,6 +21,7 @@ from appliance.candles import MINUTE, TRADE_GRANULARITIES, Candle, Trade, bucket
 from appliance.coinbase.feed import CoinbaseFeed, Connected, Disconnected
 from appliance.coinbase.messages import HeartbeatMessage, MatchMessage
 from appliance.coinbase.rest import CoinbaseRest, CoinbaseRestError
+from appliance.health import Conditions
 from appliance.metrics import (
     FEED_REJECTED,
     GAPS_REPAIRED,
@@ -92,11 +93,13 @@ class Ingester:
         store: Store,
         rest: CoinbaseRest,
         feed: CoinbaseFeed | None = None,
+        health: Conditions | None = None,
     ):
         self.settings = settings
         self.store = store
         self.rest = rest
-        self.feed = feed or CoinbaseFeed.from_settings(settings)
+        self.health = health or Conditions()  # where ingest reports trouble (shown by /health)
+        self.feed = feed or CoinbaseFeed.from_settings(settings, self.health)
         #: Told after each commit that stored trades (to look for a closed candle, stream the price).
         self.listeners: list[Callable[[], None]] = []
         self.cursors: dict[str, ProductCursor] = {}

@@ -19,6 +19,7 @@ from appliance.api.state import AppState
 from appliance.api.stream import Hub, LiveEvents
 from appliance.coinbase.rest import CoinbaseRest
 from appliance.features import WINDOW
+from appliance.health import Conditions
 from appliance.history import HistoryKeeper
 from appliance.inference import Inference
 from appliance.ingest import Ingester
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 
 async def up(settings: Settings) -> None:
+    health = Conditions()  # every part reports its trouble here; /health shows it
     store = Store(settings.db_path)
     reader = Store(settings.db_path, readonly=True)
     inference = Inference(settings.models_dir, settings.products)
@@ -51,13 +53,13 @@ async def up(settings: Settings) -> None:
             )  # what is known, before the next close
         publisher.start()
     async with CoinbaseRest.from_settings(settings) as rest:
-        ingester = Ingester(settings, store, rest)
+        ingester = Ingester(settings, store, rest, health=health)
         history = HistoryKeeper(store, rest, settings.products, max(WINDOW, settings.history_days * 24),
-                                on_filled=predictor.wake.set)  # fmt: skip
+                                on_filled=predictor.wake.set, health=health)  # fmt: skip
         hub = Hub()
         live = LiveEvents(hub, store, settings.products)
         ingester.listeners += [predictor.wake.set, history.wake, live.on_commit]
-        app_state = AppState(settings, reader, inference, predictor, ingester, hub)
+        app_state = AppState(settings, reader, inference, predictor, ingester, hub, health)
         for product in settings.products:
             app_state.keep(store.latest_predictions(product))
         predictor.listeners += [live.on_predictions, app_state.keep]

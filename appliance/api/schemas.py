@@ -9,6 +9,7 @@ from fastapi import Path
 from pydantic import BaseModel, Field
 
 from appliance.candles import PRODUCT_PATTERN, CandleRow
+from appliance.health import Problem
 from appliance.predictions import PredictionRow
 
 ProductPath = Annotated[str, Path(pattern=PRODUCT_PATTERN, examples=["BTC-USD"])]
@@ -83,11 +84,25 @@ class ProductHealth(BaseModel):
     prediction: Literal["ok"] | str = Field(description="'ok', or why there is no fresh prediction")
 
 
+class ProblemOut(BaseModel):
+    component: str = Field(description="Which part: coinbase, mqtt, storage, history, models, ...")
+    subject: str | None = Field(description="A product, a file, ... (none: the component as a whole)")
+    message: str
+    since: datetime
+    detail: dict[str, Any] = Field(description="What changes between retries: last error, next attempt")
+
+    @classmethod
+    def of(cls, p: Problem) -> ProblemOut:
+        return cls(component=p.component, subject=p.subject, message=p.message,
+                   since=datetime.fromtimestamp(p.since, UTC), detail=p.detail)  # fmt: skip
+
+
 class Health(BaseModel):
     status: Literal["ok", "degraded"]
     version: str
     build: str = Field(description="Image build: version and commit ('dev' outside an image)")
     ingest_connected: bool
+    problems: list[ProblemOut] = Field(description="Everything wrong right now, oldest first")
     products: dict[str, ProductHealth]
 
 

@@ -13,6 +13,7 @@ from typing import Annotated, Protocol
 from fastapi import Depends, HTTPException, Request
 
 from appliance.api.stream import Hub
+from appliance.health import Conditions
 from appliance.inference import Inference
 from appliance.predictions import PredictionRow
 from appliance.predictor import Predictor
@@ -35,6 +36,7 @@ class AppState:
     predictor: Predictor
     ingest: IngestView | None = None
     hub: Hub = field(default_factory=Hub)
+    health: Conditions = field(default_factory=Conditions)
     #: The newest prediction per (product, model), kept as it is made: reading it costs nothing.
     latest: dict[tuple[str, str], PredictionRow] = field(default_factory=dict)
 

@@ -28,6 +28,7 @@ from appliance.coinbase.messages import (
     SubscriptionsMessage,
     parse_feed_frame,
 )
+from appliance.health import Conditions
 from appliance.logs import ThrottledLog
 from appliance.metrics import FEED_CONNECTED, FEED_CONNECTS, FEED_DISCONNECTS, FEED_MESSAGES, FEED_REJECTED
 
@@ -88,6 +89,7 @@ class CoinbaseFeed:
         watchdog_s: float = 10.0,
         reconnect_max_s: float = 30.0,
         max_frame_bytes: int = 1 << 20,
+        health: Conditions | None = None,
     ) -> None:
         self.url = url
         self.products = tuple(products)
@@ -97,14 +99,16 @@ class CoinbaseFeed:
         self.connected = False
         self.last_message_at: float | None = None  # time.time() of the newest valid message
         self._rejects = ThrottledLog(log)
+        self.health = health or Conditions()
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> CoinbaseFeed:
+    def from_settings(cls, settings: Settings, health: Conditions | None = None) -> CoinbaseFeed:
         return cls(
             settings.coinbase_ws_url,
             settings.products,
             watchdog_s=settings.feed_watchdog_s,
             reconnect_max_s=settings.reconnect_max_s,
+            health=health,
         )
 
     async def events(self) -> AsyncIterator[FeedEvent]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from appliance import __version__
-from appliance.api.schemas import Health, ProductHealth
+from appliance.api.schemas import Health, ProblemOut, ProductHealth
 from appliance.api.state import State
 
 router = APIRouter(tags=["health"])
@@ -30,6 +30,7 @@ async def health(state: State) -> Health:
             prediction=missing or "ok",
         )
     connected = bool(state.ingest and state.ingest.connected)
-    ok = connected and all(p.prediction == "ok" for p in products.values())
+    problems = [ProblemOut.of(p) for p in state.health.current()]
+    ok = connected and not problems and all(p.prediction == "ok" for p in products.values())
     return Health(status="ok" if ok else "degraded", version=__version__, build=state.settings.build,
-                  ingest_connected=connected, products=products)  # fmt: skip
+                  ingest_connected=connected, problems=problems, products=products)  # fmt: skip
