@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -25,52 +26,80 @@ log = logging.getLogger("appliance")
 Handler = Callable[[argparse.Namespace, Settings], int]
 
 
+class Interrupted(Exception):
+    """A signal stopped the work (after its cleanup ran)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum  # what a shell reports for a process ended by the signal
+
+
 def run(coro: Coroutine[Any, Any, Any]) -> Any:
-    """Run on uvloop (cheaper I/O than asyncio's own loop) until done, SIGINT or SIGTERM.
+    """Run on uvloop (cheaper I/O than asyncio's own loop) until done; Interrupted on SIGINT or SIGTERM.
 
     The first signal cancels the work so its cleanup runs; later ones (a second Ctrl-C, or uvicorn
     re-raising the signal it also saw) must not cancel that cleanup half-way.
     """
+    stopped_by: list[int] = []
 
     async def main() -> Any:
         task = asyncio.ensure_future(coro)
         loop = asyncio.get_running_loop()
 
-        def stop() -> None:
+        def stop(signum: int) -> None:
+            stopped_by.append(signum)
             if not task.cancelling():
                 task.cancel()
 
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop)
+            loop.add_signal_handler(sig, stop, sig)
         try:
             return await task
         except asyncio.CancelledError:
-            log.info("stopped by signal")
-            return None
+            log.info("stopped by signal", extra={"signal": signal.Signals(stopped_by[0]).name})
+            raise Interrupted(stopped_by[0]) from None
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(main())
 
 
+def serve(coro: Coroutine[Any, Any, Any]) -> int:
+    """A service stopped by a signal has done its job: exit 0."""
+    with contextlib.suppress(Interrupted):
+        run(coro)
+    return 0
+
+
 def up(args: argparse.Namespace, settings: Settings) -> int:
     from appliance.runtime import up
 
-    run(up(settings))
-    return 0
+    return serve(up(settings))
 
 
 def ingest(args: argparse.Namespace, settings: Settings) -> int:
     from appliance.coinbase.rest import CoinbaseRest
+    from appliance.health import Conditions
     from appliance.ingest import Ingester
     from appliance.store import Store
+    from appliance.storekeeper import StoreKeeper
 
-    async def main(store: Store) -> None:
-        async with CoinbaseRest.from_settings(settings) as rest:  # made inside the loop that closes it
-            await Ingester(settings, store, rest).run()
+    async def main() -> None:
+        health = Conditions()
+        store = Store(settings.db_path, connect=False)
+        keeper = StoreKeeper(store, health)
+        keeper.open()  # storage trouble pauses ingest, it does not end it
+        try:
+            async with CoinbaseRest.from_settings(settings) as rest:  # made inside the loop that closes it
+                ingester = Ingester(settings, store, rest, health=health, keeper=keeper)
+                await asyncio.gather(ingester.run(), keeper.run())
+        finally:
+            store.close()
 
-    with Store(settings.db_path) as store:
-        run(main(store))
-    return 0
+    return serve(main())
 
 
 def healthcheck(args: argparse.Namespace, settings: Settings) -> int:
@@ -90,17 +119,21 @@ def backfill(args: argparse.Namespace, settings: Settings) -> int:
     from appliance.history import LoadResult, backfill
     from appliance.store import Store
 
-    async def main(store: Store) -> LoadResult:
+    result = LoadResult()
+
+    async def main(store: Store) -> None:
         end = args.end if args.end is not None else int(datetime.now(UTC).timestamp())
         async with CoinbaseRest.from_settings(settings) as rest:
-            return await backfill(
-                store, rest, args.product, args.granularity, args.start, end, progress=sys.stderr.isatty()
-            )
+            await backfill(store, rest, args.product, args.granularity, args.start, end,
+                           progress=sys.stderr.isatty(), result=result)  # fmt: skip
 
     with Store(settings.db_path) as store:
-        result = run(main(store))
-    if result is not None:
-        print(result)
+        try:
+            run(main(store))
+        except Interrupted as stop:
+            print(f"interrupted by {stop}: {result}")
+            return stop.exit_status
+    print(result)
     return 0
 
 
@@ -115,13 +148,13 @@ def import_csv(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def replay(args: argparse.Namespace, settings: Settings) -> int:
-    from appliance.replay.cli import serve, server_from
+    from appliance.replay.cli import serve as serve_replay
+    from appliance.replay.cli import server_from
 
     server = server_from(args)
     if server is None:
         return 2
-    run(serve(server, args))
-    return 0
+    return serve(serve_replay(server, args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,9 +195,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = load_settings()
     setup_logging(settings.log_level, settings.log_format)
     handler: Handler = args.handler
+    import sqlite3
+
+    from appliance.store import StoreRefused
+
     try:
         return handler(args, settings)
-    except (ValueError, OSError) as exc:  # a bad file, range or store: say what, exit 1
+    except (ValueError, OSError, sqlite3.Error, StoreRefused) as exc:  # a bad file, range or store
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

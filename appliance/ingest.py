@@ -4,20 +4,42 @@ Per product, trades are applied strictly in trade_id order. A jump in trade_id (
 a reconnect, a restart, a heartbeat that knows of newer trades) is filled from REST before anything
 later is applied. ``last_trade_id`` only ever advances over trades actually held, so a forged or
 premature id can delay a trade but never make one be skipped. Candle deltas are committed with the
-cursor in one transaction (see :mod:`appliance.store`), when a minute closes and at least every
-``commit_interval_s``.
+cursor in one transaction (see :mod:`appliance.store`).
+
+Commits are few, for the SD card's sake: every ``commit_interval_s`` while trades come in, and at
+once for a product whose hour has closed (its prediction waits for that candle). Between commits
+the candles in progress live here, and the API and the stream read them from here. How often ingest
+commits trades write volume against how fresh the *stored* minute candles are, never durability:
+whatever was not committed when the process died is fetched again over REST on the next start.
+
+When storage fails, ingest stops: the feed is closed and the uncommitted trades are let go. When
+the :class:`~appliance.storekeeper.StoreKeeper` says the store takes writes again, ingest resumes
+from the committed cursor and repairs the gap over REST, as after any outage.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from appliance.candles import MINUTE, TRADE_GRANULARITIES, Candle, Trade, bucket_start, format_time
+from appliance.candles import (
+    HOUR,
+    MINUTE,
+    TRADE_GRANULARITIES,
+    US,
+    Candle,
+    CandleRow,
+    IngestState,
+    Trade,
+    bucket_start,
+    format_time,
+)
 from appliance.coinbase.feed import CoinbaseFeed, Connected, Disconnected
 from appliance.coinbase.messages import HeartbeatMessage, MatchMessage
 from appliance.coinbase.rest import CoinbaseRest, CoinbaseRestError
@@ -30,13 +52,16 @@ from appliance.metrics import (
     TRADES_UNRECOVERABLE,
 )
 from appliance.settings import Settings
-from appliance.store import Store
+from appliance.store import Store, TradeCommit
+from appliance.storekeeper import StoreKeeper
 
 log = logging.getLogger(__name__)
 
-#: Shortest spacing of minute-close commits during bursts (catch-up, replays).
+#: Shortest spacing of commits during bursts (catch-up, replays).
 MIN_COMMIT_GAP_S = 0.02
-PRUNE_EVERY_S = 600.0
+#: The candles the models read: when one closes, its product commits at once.
+PROMPT_US = min(g for g in TRADE_GRANULARITIES if g > MINUTE) * US
+PRUNE_EVERY_S = 3600.0
 REPORT_EVERY_S = 60.0
 
 
@@ -57,7 +82,8 @@ def next_step(last_trade_id: int | None, trade_id: int) -> Step:
 
 @dataclass(slots=True)
 class ProductCursor:
-    """What one product's ingest holds: the committed cursor and the uncommitted candle deltas."""
+    """What one product's ingest holds: the committed cursor, the uncommitted candle deltas, and the
+    stored part of each granularity's newest candle (which, with the deltas, is the candle in progress)."""
 
     product: str
     first_trade_id: int | None = None
@@ -65,16 +91,28 @@ class ProductCursor:
     last_trade_id: int | None = None
     last_time_us: int = 0
     pending: dict[tuple[int, int], Candle] = field(default_factory=dict)
-    minute_closed: bool = False
+    closed: bool = False  # a candle the models read has closed since the last commit
+    stored: dict[int, tuple[int, Candle]] = field(default_factory=dict)  # granularity -> (start, candle)
 
-    def apply(self, trade: Trade) -> None:
+    @classmethod
+    def resumed(
+        cls, product: str, state: IngestState | None, stored: dict[int, tuple[int, Candle]]
+    ) -> ProductCursor:
+        if state is None:
+            return cls(product)
+        return cls(product, state.first_trade_id, None, state.last_trade_id, state.last_trade_time_us,
+                   stored=stored)  # fmt: skip
+
+    def apply(self, trade: Trade) -> bool:
+        """Take the next trade; True if it should be stored at once: it is the first of a new hour
+        (the last one has closed) or the very first (history is back-filled once there is one)."""
+        closes = False
         if self.first_trade_id is None:
             self.first_trade_id = trade.trade_id
             self.first_time_us = trade.time_us
-        elif self.last_time_us and bucket_start(trade.time_us, MINUTE) > bucket_start(
-            self.last_time_us, MINUTE
-        ):
-            self.minute_closed = True
+            closes = self.closed = True
+        elif self.last_time_us and trade.time_us // PROMPT_US > self.last_time_us // PROMPT_US:
+            closes = self.closed = True
         self.last_trade_id = trade.trade_id
         self.last_time_us = trade.time_us
         for g in TRADE_GRANULARITIES:
@@ -84,6 +122,46 @@ class ProductCursor:
                 self.pending[key] = Candle.of(trade)
             else:
                 candle.add(trade)
+        return closes
+
+    def to_commit(self) -> TradeCommit:
+        assert self.first_trade_id is not None
+        assert self.last_trade_id is not None
+        return TradeCommit(self.product, self.pending, self.first_trade_id, self.last_trade_id,
+                           self.last_time_us, self.first_time_us)  # fmt: skip
+
+    def settle(self) -> None:
+        """The pending deltas are stored: fold the newest buckets' into what is known stored."""
+        for g in TRADE_GRANULARITIES:
+            start = bucket_start(self.last_time_us, g)
+            delta = self.pending.get((g, start))
+            if delta is None:
+                continue
+            known = self.stored.get(g)
+            if known is not None and known[0] == start:
+                known[1].merge(delta)
+            else:
+                self.stored[g] = (start, delta)
+        self.pending = {}
+        self.closed = False
+
+    def live(self, granularity: int) -> CandleRow | None:
+        """The candle in progress (stored part and uncommitted trades), None before any trade."""
+        if not self.last_time_us:
+            return None
+        start = bucket_start(self.last_time_us, granularity)
+        known = self.stored.get(granularity)
+        candle = replace(known[1]) if known is not None and known[0] == start else None
+        delta = self.pending.get((granularity, start))
+        if delta is not None:
+            if candle is None:
+                candle = replace(delta)
+            else:
+                candle.merge(delta)
+        if candle is None:
+            return None
+        return CandleRow(start, candle.open, candle.high, candle.low, candle.close, candle.volume,
+                         candle.trades)  # fmt: skip
 
 
 class Ingester:
@@ -94,51 +172,80 @@ class Ingester:
         rest: CoinbaseRest,
         feed: CoinbaseFeed | None = None,
         health: Conditions | None = None,
+        keeper: StoreKeeper | None = None,
     ):
         self.settings = settings
         self.store = store
         self.rest = rest
         self.health = health or Conditions()  # where ingest reports trouble (shown by /health)
+        self.keeper = keeper or StoreKeeper(store, self.health)
         self.feed = feed or CoinbaseFeed.from_settings(settings, self.health)
-        #: Told after each commit that stored trades (to look for a closed candle, stream the price).
+        #: Told after each commit that stored trades (to look for a closed candle).
         self.listeners: list[Callable[[], None]] = []
-        self.cursors: dict[str, ProductCursor] = {}
-        for product in settings.products:
-            state = store.ingest_state(product)
-            cursor = ProductCursor(product)
-            if state:
-                cursor.first_trade_id = state.first_trade_id
-                cursor.last_trade_id = state.last_trade_id
-                cursor.last_time_us = state.last_trade_time_us
-            self.cursors[product] = cursor
-        self._last_commit = 0.0
+        #: Told after each feed message that may have moved a price (the live candle).
+        self.trade_listeners: list[Callable[[], None]] = []
+        self.cursors: dict[str, ProductCursor] = {p: ProductCursor(p) for p in settings.products}
+        self._closing = False  # some cursor is ``closed``
+        self._generation = -1  # the store keeper's generation the cursors were read from
+        self._last_commit = time.monotonic()
         self._commit_timer: asyncio.TimerHandle | None = None
         self._last_prune = 0.0
-        self._last_report = (time.monotonic(), {p: c.last_trade_id for p, c in self.cursors.items()})
+        self._last_report: tuple[float, dict[str, int | None]] = (time.monotonic(), {})
         self._ingested = {
             (p, via): TRADES_INGESTED.labels(p, via) for p in settings.products for via in ("feed", "rest")
         }
 
     async def run(self) -> None:
-        """Ingest until cancelled; whatever is pending is committed on the way out."""
+        """Ingest until cancelled; whatever is pending is committed on the way out.
+
+        While storage fails, the feed is closed; ingest resumes from the committed cursor.
+        """
+        housekeeping = asyncio.create_task(self._housekeep())
+        try:
+            while True:
+                await self.keeper.until_writable()
+                if not self._resume():
+                    continue
+                async with contextlib.aclosing(self.feed.events()) as events:
+                    async for event in events:
+                        if isinstance(event, MatchMessage):
+                            await self._on_trade(event.trade())
+                            self._tell(self.trade_listeners)
+                        elif isinstance(event, HeartbeatMessage):
+                            await self._on_heartbeat(event)
+                        elif isinstance(event, Connected | Disconnected):
+                            self.commit()
+                        self._maybe_commit()
+                        if not self._store_current:
+                            break
+                log.warning("ingest stopped: the store failed or was reopened; it resumes from what the "
+                            "store holds", extra={"storage": self.keeper.trouble_message})  # fmt: skip
+        finally:
+            housekeeping.cancel()
+            self.commit()
+
+    def _resume(self) -> bool:
+        """Cursors from what is committed (uncommitted trades are fetched again); False if unreadable."""
+        try:
+            held = {p: (self.store.ingest_state(p), self.store.open_candles(p)) for p in self.cursors}
+        except sqlite3.Error as exc:
+            self.keeper.failed(exc)
+            return False
+        self.cursors = {p: ProductCursor.resumed(p, *held[p]) for p in self.cursors}
+        self._generation = self.keeper.generation
+        self._closing = False
+        self._last_report = (time.monotonic(), {p: c.last_trade_id for p, c in self.cursors.items()})
         for c in self.cursors.values():
             log.info(
                 "ingest resuming" if c.last_trade_id else "ingest starting fresh",
                 extra={"product": c.product, "last_trade_id": c.last_trade_id},
             )
-        flusher = asyncio.create_task(self._flush_periodically())
-        try:
-            async for event in self.feed.events():
-                if isinstance(event, MatchMessage):
-                    await self._on_trade(event.trade())
-                elif isinstance(event, HeartbeatMessage):
-                    await self._on_heartbeat(event)
-                elif isinstance(event, Connected | Disconnected):
-                    self.commit()
-                self._maybe_commit()
-        finally:
-            flusher.cancel()
-            self.commit()
+        return True
+
+    @property
+    def _store_current(self) -> bool:
+        """The store takes writes, and is the one the cursors were read from (not reopened, replaced)."""
+        return self.keeper.writable and self.keeper.generation == self._generation
 
     @property
     def connected(self) -> bool:
@@ -148,6 +255,11 @@ class Ingester:
         """Event time of the newest trade held (committed or not), None before the first."""
         cursor = self.cursors.get(product)
         return cursor.last_time_us or None if cursor else None
+
+    def live_candle(self, product: str, granularity: int = HOUR) -> CandleRow | None:
+        """The candle in progress, committed or not; None before the first trade."""
+        cursor = self.cursors.get(product)
+        return cursor.live(granularity) if cursor else None
 
     async def _on_trade(self, trade: Trade) -> None:
         c = self.cursors[trade.product]
@@ -172,11 +284,12 @@ class Ingester:
     async def _on_heartbeat(self, hb: HeartbeatMessage) -> None:
         c = self.cursors[hb.product_id]
         if c.last_trade_id is not None and hb.last_trade_id > c.last_trade_id:
+            before = c.last_trade_id
             await self._repair(c, hb.last_trade_id)
             if c.last_trade_id < hb.last_trade_id:
                 FEED_REJECTED.labels("unconfirmed").inc()
-        if c.pending and bucket_start(c.last_time_us, MINUTE) + MINUTE <= hb.time.timestamp():
-            c.minute_closed = True
+            if c.last_trade_id != before:
+                self._tell(self.trade_listeners)
 
     async def _repair(self, c: ProductCursor, up_to_id: int) -> None:
         assert c.last_trade_id is not None
@@ -212,58 +325,70 @@ class Ingester:
         )
 
     def _apply(self, c: ProductCursor, trade: Trade, via: Literal["feed", "rest"]) -> None:
-        c.apply(trade)
+        if c.apply(trade):
+            self._closing = True
         self._ingested[c.product, via].inc()
 
     def _maybe_commit(self) -> None:
-        if not any(c.minute_closed for c in self.cursors.values()):
+        """Commit the products whose hour closed (at once), or everything once the interval is up."""
+        now = time.monotonic()
+        interval_up = now - self._last_commit >= self.settings.commit_interval_s
+        if not self._closing and not interval_up:
             return
-        wait = self._last_commit + MIN_COMMIT_GAP_S - time.monotonic()
+        wait = self._last_commit + MIN_COMMIT_GAP_S - now
         if wait <= 0:
-            self.commit()
-        elif self._commit_timer is None:  # a closed minute never waits longer than the gap
-            self._commit_timer = asyncio.get_running_loop().call_later(wait, self.commit)
+            self.commit(only_closed=not interval_up)
+        elif self._commit_timer is None:  # a closed hour never waits longer than the gap
+            self._commit_timer = asyncio.get_running_loop().call_later(wait, self._commit_closed)
 
-    def commit(self) -> None:
+    def _commit_closed(self) -> None:
+        self._commit_timer = None
+        self.commit(only_closed=True)
+
+    def commit(self, *, only_closed: bool = False) -> None:
+        """Store what is pending (only the products whose hour closed, if ``only_closed``).
+
+        A storage error is handed to the keeper and pauses ingest; the trades stay uncommitted.
+        """
         if self._commit_timer is not None:
             self._commit_timer.cancel()
             self._commit_timer = None
-        committed = False
-        for c in self.cursors.values():
-            if not c.pending:
-                continue
-            assert c.first_trade_id is not None
-            assert c.last_trade_id is not None
-            self.store.commit_trades(
-                c.product,
-                c.pending,
-                first_trade_id=c.first_trade_id,
-                last_trade_id=c.last_trade_id,
-                last_trade_time_us=c.last_time_us,
-                first_trade_time_us=c.first_time_us,
-            )
-            LAST_TRADE_TIME.labels(c.product).set(c.last_time_us / 1e6)
-            c.pending = {}
-            c.minute_closed = False
-            committed = True
+        due = [c for c in self.cursors.values() if c.pending and (c.closed or not only_closed)]
         self._last_commit = time.monotonic()
-        if committed:
-            for listener in self.listeners:
-                listener()
+        self._closing = False
+        if not due or not self._store_current:
+            return
+        try:
+            self.store.commit_trades([c.to_commit() for c in due])
+        except sqlite3.Error as exc:
+            self.keeper.failed(exc)
+            return
+        for c in due:
+            c.settle()
+            LAST_TRADE_TIME.labels(c.product).set(c.last_time_us / 1e6)
+        self._tell(self.listeners)
 
-    async def _flush_periodically(self) -> None:
+    @staticmethod
+    def _tell(listeners: list[Callable[[], None]]) -> None:
+        for listener in listeners:
+            listener()
+
+    async def _housekeep(self) -> None:
+        """Once a minute: a progress line, a commit if trades stopped coming; once an hour, retention."""
         retention_s = self.settings.minute_retention_days * 86_400
         while True:
-            await asyncio.sleep(min(self.settings.commit_interval_s, MIN_COMMIT_GAP_S * 4))
-            if time.monotonic() - self._last_commit >= self.settings.commit_interval_s or any(
-                c.minute_closed for c in self.cursors.values()
-            ):
+            await asyncio.sleep(min(REPORT_EVERY_S, self.settings.commit_interval_s))
+            if time.monotonic() - self._last_commit >= self.settings.commit_interval_s:
                 self.commit()
             if time.monotonic() - self._last_report[0] >= REPORT_EVERY_S:
                 self._report()
-            if time.monotonic() - self._last_prune >= PRUNE_EVERY_S:
+            if time.monotonic() - self._last_prune >= PRUNE_EVERY_S and self._store_current:
                 self._last_prune = time.monotonic()
-                removed = self.store.prune_trade_candles(MINUTE, retention_s)
+                try:
+                    removed = self.store.prune_trade_candles(MINUTE, retention_s)
+                except sqlite3.Error as exc:
+                    self.keeper.failed(exc)
+                    continue
                 if removed:
                     log.info("minute candles pruned", extra={"removed": removed})
 
@@ -272,7 +397,7 @@ class Ingester:
         then, ids = self._last_report
         now = time.monotonic()
         for p, c in self.cursors.items():
-            gained = (c.last_trade_id or 0) - (ids[p] or c.first_trade_id or 0)
+            gained = (c.last_trade_id or 0) - (ids.get(p) or c.first_trade_id or 0)
             log.info(
                 "ingest progress",
                 extra={

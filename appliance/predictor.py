@@ -1,7 +1,9 @@
 """Closed candles in, stored predictions out; closed targets in, realized closes recorded.
 
 Woken by the ingester after each commit, so a prediction exists moments after its candle closes and
-reading it later costs a lookup. New model versions are picked up between steps.
+reading it later costs a lookup. New model versions are picked up between steps. While the store
+cannot be written, nothing is predicted (no new candle can have been stored either); the step after
+it works again catches up.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import time
 from collections.abc import Callable, Sequence
 
@@ -17,6 +20,7 @@ from appliance.inference import Inference
 from appliance.metrics import COVERAGE_80, REALIZED_MAE
 from appliance.predictions import Accuracy, PredictionRow, accuracy
 from appliance.store import Store
+from appliance.storekeeper import StoreKeeper
 
 log = logging.getLogger(__name__)
 RELOAD_EVERY_S = 10.0
@@ -24,8 +28,11 @@ ACCURACY_WINDOW = 168  # predictions: a week of hours
 
 
 class Predictor:
-    def __init__(self, store: Store, inference: Inference, granularity: int = 3600) -> None:
+    def __init__(
+        self, store: Store, inference: Inference, granularity: int = 3600, keeper: StoreKeeper | None = None
+    ) -> None:
         self.store = store
+        self.keeper = keeper
         self.inference = inference
         self.granularity = granularity
         self.wake = asyncio.Event()
@@ -38,6 +45,21 @@ class Predictor:
 
     def step(self) -> list[PredictionRow]:
         """Predict every product whose newest closed candle has no prediction yet."""
+        if self.keeper is not None and not self.keeper.writable:
+            return []
+        try:
+            return self._step()
+        except sqlite3.Error as exc:
+            if self.keeper is None:
+                raise
+            self.keeper.failed(exc)
+            return []
+
+    def forget(self) -> None:
+        """The store was replaced: every candle is new to it, predicted or not."""
+        self._done_as_of.clear()
+
+    def _step(self) -> list[PredictionRow]:
         made: list[PredictionRow] = []
         g = self.granularity
         for product in self.inference.products:
@@ -79,15 +101,23 @@ class Predictor:
                                                "skill": a.skill, "coverage_80": a.coverage_80}  # fmt: skip
 
     async def run(self) -> None:
+        """Step when woken (a commit) or when new models came in; otherwise sleep."""
         last_reload = time.monotonic()
+        self.step()  # a candle that closed while the appliance was down
         while True:
+            # asyncio.timeout, not wait_for: 3.11's wait_for loses a cancellation that arrives as the
+            # event is set (the ingester's last commit on the way out), and shutdown waits forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), timeout=5)
+                async with asyncio.timeout(RELOAD_EVERY_S):
+                    await self.wake.wait()
+            woken = self.wake.is_set()
             self.wake.clear()
+            reloaded = False
             if time.monotonic() - last_reload >= RELOAD_EVERY_S:
-                self.inference.reload()
+                reloaded = self.inference.reload()
                 last_reload = time.monotonic()
-            self.step()
+            if woken or reloaded:
+                self.step()
 
 
 def scores(store: Store, product: str, models: Sequence[str], window: int) -> list[Accuracy]:

@@ -3,7 +3,9 @@
 Wiring only: who is told what. The ingester is the only writer to SQLite (the predictor and the
 history keeper write through the same connection, on the same loop); the API reads through its own
 read-only connection, so a slow client never holds up a commit. If Coinbase is unreachable the API
-keeps serving what is stored and /health says so.
+keeps serving what is stored and /health says so. If storage fails (a full disk, a read-only folder,
+a corrupt file), the store keeper says so in /health and deals with it while the API, the stream
+and MQTT go on serving what they hold: the process never ends over it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+from functools import partial
 
 import uvicorn
 
@@ -27,17 +30,20 @@ from appliance.mqtt import MqttPublisher
 from appliance.predictor import Predictor
 from appliance.settings import Settings
 from appliance.store import Store
+from appliance.storekeeper import StoreKeeper
 
 log = logging.getLogger(__name__)
 
 
 async def up(settings: Settings) -> None:
     health = Conditions()  # every part reports its trouble here; /health shows it
-    store = Store(settings.db_path)
-    reader = Store(settings.db_path, readonly=True)
+    store = Store(settings.db_path, connect=False)
+    reader = Store(settings.db_path, readonly=True, connect=False)
+    keeper = StoreKeeper(store, health, reader)
+    keeper.open()  # trouble is reported, not raised: the API serves whatever can be read
     inference = Inference(settings.models_dir, settings.products)
     inference.reload()
-    predictor = Predictor(store, inference)
+    predictor = Predictor(store, inference, keeper=keeper)
     publisher = None
     if settings.mqtt_url:
         publisher = MqttPublisher(
@@ -46,22 +52,23 @@ async def up(settings: Settings) -> None:
             models_of=inference.models_of, accuracy=predictor.accuracy,
         )  # fmt: skip
         predictor.listeners.append(publisher.on_predictions)
-        for product in settings.products:
-            predictor.score(product)
-            publisher.on_predictions(
-                store.latest_predictions(product)
-            )  # what is known, before the next close
+        for product in settings.products:  # what is known, before the next close
+            keeper.read(partial(predictor.score, product), None)
+            publisher.on_predictions(keeper.read(partial(reader.latest_predictions, product), []))
         publisher.start()
     async with CoinbaseRest.from_settings(settings) as rest:
-        ingester = Ingester(settings, store, rest, health=health)
+        ingester = Ingester(settings, store, rest, health=health, keeper=keeper)
         history = HistoryKeeper(store, rest, settings.products, max(WINDOW, settings.history_days * 24),
-                                on_filled=predictor.wake.set, health=health)  # fmt: skip
+                                on_filled=predictor.wake.set, health=health, keeper=keeper)  # fmt: skip
         hub = Hub()
-        live = LiveEvents(hub, store, settings.products)
-        ingester.listeners += [predictor.wake.set, history.wake, live.on_commit]
-        app_state = AppState(settings, reader, inference, predictor, ingester, hub, health)
+        live = LiveEvents(hub, ingester, settings.products)
+        ingester.listeners += [predictor.wake.set, history.wake]
+        ingester.trade_listeners.append(live.on_trades)
+        keeper.on_replaced += [predictor.forget, history.forget]
+        app_state = AppState(settings, reader, inference, predictor, ingester, hub, health,
+                             storage_error=keeper.failed)  # fmt: skip
         for product in settings.products:
-            app_state.keep(store.latest_predictions(product))
+            app_state.keep(keeper.read(partial(reader.latest_predictions, product), []))
         predictor.listeners += [live.on_predictions, app_state.keep]
         app = create_app(app_state)
         # Everything loaded so far (models, libraries, the app) lives as long as the process: out of
@@ -73,12 +80,12 @@ async def up(settings: Settings) -> None:
         ))  # fmt: skip
         # uvicorn takes SIGINT/SIGTERM while serving, shuts down, then re-raises them: the server
         # finishing is what stops every other part.
-        parts = (server.serve(), ingester.run(), predictor.run(), history.run())
+        parts = (server.serve(), ingester.run(), predictor.run(), history.run(), keeper.run())
         tasks = [asyncio.create_task(part) for part in parts]
         log.info("appliance up", extra={"http": f"{settings.http_host}:{settings.http_port}",
                                         "products": ",".join(settings.products)})  # fmt: skip
         try:
-            done, _ = await asyncio.wait(tasks[:3], return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 task.result()  # a crashed part ends the process with its error
         finally:
@@ -88,6 +95,6 @@ async def up(settings: Settings) -> None:
             await asyncio.gather(*tasks, return_exceptions=True)
             if publisher:
                 publisher.stop()
-            store.close()
             reader.close()
+            store.close()  # the last connection: the write-ahead log is folded in, one file remains
             log.info("appliance stopped")

@@ -29,7 +29,11 @@ class Settings(BaseSettings):
     reconnect_max_s: float = Field(30.0, gt=0, description="Cap of the reconnect back-off")
     rest_rate_per_s: float = Field(10.0, gt=0, le=10, description="Coinbase's public limit is 10/s")
     rest_timeout_s: float = Field(10.0, gt=0)
-    commit_interval_s: float = Field(1.0, gt=0, description="Longest time trades wait uncommitted")
+    commit_interval_s: float = Field(
+        300.0, gt=0, le=3600,
+        description="Longest time trades wait uncommitted while they keep coming (an hour's close commits "
+        "at once); longer writes less to the SD card, and more is fetched again over REST after a crash",
+    )  # fmt: skip
     http_host: str = Field("0.0.0.0", description="Address the API and dashboard listen on")
     http_port: int = Field(8000, ge=1, le=65535)
     build: str = Field("dev", max_length=100, description="Version and commit (set by the image)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from typing import Any
 
@@ -10,6 +11,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from appliance import __version__
+from appliance.api.errors import storage_unavailable
 from appliance.api.routers import accuracy, candles, health, predictions, site, stream
 from appliance.api.routers.site import STATIC
 from appliance.api.state import AppState
@@ -30,6 +32,7 @@ def create_app(state: AppState) -> FastAPI:
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(Timed)
+    app.add_exception_handler(sqlite3.Error, storage_unavailable)
     return app
 
 

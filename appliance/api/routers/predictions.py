@@ -60,7 +60,7 @@ async def predict(request: Request) -> Response:
 async def predictions(product: ProductPath, state: State) -> list[PredictionResult]:
     state.known(product)
     age = state.data_age_s(product)
-    return [PredictionResult.of(r, 0.8, age) for r in state.reader.latest_predictions(product)]
+    return [PredictionResult.of(r, 0.8, age) for r in state.latest_of(product)]
 
 
 @lru_cache(maxsize=64)
