@@ -60,8 +60,8 @@ test-deps:  ## install the system packages the tests need (Debian)
 test: lint test-deps  ## the whole test suite (what CI runs)
 	$(DEV) pytest
 
-bench: setup  ## measure throughput and memory; JSON in bench-results/, summary on stdout
-	$(DEV) python -m tests.bench
+bench: setup  ## measure throughput, memory, storage writes and CPU at a live rate (~70 min); JSON in bench-results/
+	$(DEV) python -m tests.bench $(BENCH_ARGS)
 
 smoke-arm64: setup  ## build the image for arm64 under QEMU; it must predict as the amd64 one does (root)
 	@dpkg -s qemu-user-static debootstrap docker.io >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \

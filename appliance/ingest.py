@@ -48,6 +48,7 @@ from appliance.metrics import (
     FEED_REJECTED,
     GAPS_REPAIRED,
     LAST_TRADE_TIME,
+    STORE_COMMITS,
     TRADES_INGESTED,
     TRADES_UNRECOVERABLE,
 )
@@ -363,6 +364,7 @@ class Ingester:
         except sqlite3.Error as exc:
             self.keeper.failed(exc)
             return
+        STORE_COMMITS.inc()
         for c in due:
             c.settle()
             LAST_TRADE_TIME.labels(c.product).set(c.last_time_us / 1e6)

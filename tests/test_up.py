@@ -1,5 +1,6 @@
 """``python -m appliance up`` against the replay server: live trades in, the same predictions out."""
 
+import asyncio
 import contextlib
 import json
 import os
@@ -11,9 +12,11 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+import websockets
 
 from appliance.candle_csv import read_candle_csv
 from appliance.candles import parse_time
@@ -173,6 +176,39 @@ def test_bad_requests_get_a_clear_4xx(appliance, path: str, params: dict[str, st
     response = httpx.get(f"{url}{path}", params=params)
     assert response.status_code == status
     assert message in response.text
+
+
+def test_the_stream_sends_the_candle_in_progress_from_memory(appliance) -> None:
+    """The live candle comes from ingest between its commits: each event of an hour is a beginning of
+    the candle stored once that hour has closed (same open, range inside, volume so far)."""
+    url, *_ = appliance
+
+    async def listen(seconds: float) -> list[dict[str, Any]]:
+        async with websockets.connect(url.replace("http", "ws") + "/api/stream") as ws:
+            events = []
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    events.append(json.loads(await asyncio.wait_for(ws.recv(), 0.5)))
+            return events
+
+    events = asyncio.run(listen(7))  # three to four hours of market
+    assert events[0]["type"] == "snapshot"
+    assert events[1]["type"] == "candle", "the candle in progress follows the snapshot"
+    seen: dict[str, list[dict[str, Any]]] = {}
+    for e in events:
+        if e["type"] == "candle" and e["product"] == "BTC-USD":
+            seen.setdefault(e["candle"]["time"], []).append(e["candle"])
+    stored = {c["time"]: c for c in httpx.get(f"{url}/api/candles/BTC-USD").json()}
+    closed = [hour for hour in seen if hour in stored]
+    assert len(closed) >= 2, (sorted(seen), sorted(stored)[-3:])
+    for hour in closed:
+        final, volumes = stored[hour], [c["volume"] for c in seen[hour]]
+        assert volumes == sorted(volumes)
+        for c in seen[hour]:
+            assert c["open"] == final["open"]
+            assert final["low"] <= c["low"] <= c["high"] <= final["high"]
+            assert c["volume"] <= final["volume"] * (1 + 1e-12)
 
 
 def test_mqtt_carries_the_prediction_the_api_serves(appliance) -> None:
