@@ -14,7 +14,7 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 DATASETS := appliance/datasets
 DEMO_PORT := 8765
 
-.PHONY: help setup run demo test test-deps lint fmt bench models clean install smoke-arm64
+.PHONY: help setup run demo test test-deps lint fmt bench soak models clean install smoke-arm64
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -62,6 +62,10 @@ test: lint test-deps  ## the whole test suite (what CI runs)
 
 bench: setup  ## measure throughput, memory, storage writes and CPU at a live rate (~70 min); JSON in bench-results/
 	$(DEV) python -m tests.bench $(BENCH_ARGS)
+
+soak: setup  ## 30 days of real market at 2,160x with feed faults, MQTT and stream clients (~25 min; not in make test)
+	@dpkg -s mosquitto >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq mosquitto; }
+	$(DEV) python -m tests.soak $(SOAK_ARGS)
 
 smoke-arm64: setup  ## build the image for arm64 under QEMU; it must predict as the amd64 one does (root)
 	@dpkg -s qemu-user-static debootstrap docker.io >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \

@@ -62,7 +62,6 @@ log = logging.getLogger(__name__)
 MIN_COMMIT_GAP_S = 0.02
 #: The candles the models read: when one closes, its product commits at once.
 PROMPT_US = min(g for g in TRADE_GRANULARITIES if g > MINUTE) * US
-PRUNE_EVERY_S = 3600.0
 REPORT_EVERY_S = 60.0
 
 
@@ -190,7 +189,6 @@ class Ingester:
         self._generation = -1  # the store keeper's generation the cursors were read from
         self._last_commit = time.monotonic()
         self._commit_timer: asyncio.TimerHandle | None = None
-        self._last_prune = 0.0
         self._last_report: tuple[float, dict[str, int | None]] = (time.monotonic(), {})
         self._ingested = {
             (p, via): TRADES_INGESTED.labels(p, via) for p in settings.products for via in ("feed", "rest")
@@ -365,10 +363,22 @@ class Ingester:
             self.keeper.failed(exc)
             return
         STORE_COMMITS.inc()
+        hour_closed = any(c.closed for c in due)
         for c in due:
             c.settle()
             LAST_TRADE_TIME.labels(c.product).set(c.last_time_us / 1e6)
+        if hour_closed:  # retention counts market time: look once an hour of it
+            self._prune()
         self._tell(self.listeners)
+
+    def _prune(self) -> None:
+        try:
+            removed = self.store.prune_trade_candles(MINUTE, self.settings.minute_retention_days * 86_400)
+        except sqlite3.Error as exc:
+            self.keeper.failed(exc)
+            return
+        if removed:
+            log.info("minute candles pruned", extra={"removed": removed})
 
     @staticmethod
     def _tell(listeners: list[Callable[[], None]]) -> None:
@@ -376,23 +386,13 @@ class Ingester:
             listener()
 
     async def _housekeep(self) -> None:
-        """Once a minute: a progress line, a commit if trades stopped coming; once an hour, retention."""
-        retention_s = self.settings.minute_retention_days * 86_400
+        """Once a minute: a progress line, and a commit if trades stopped coming."""
         while True:
             await asyncio.sleep(min(REPORT_EVERY_S, self.settings.commit_interval_s))
             if time.monotonic() - self._last_commit >= self.settings.commit_interval_s:
                 self.commit()
             if time.monotonic() - self._last_report[0] >= REPORT_EVERY_S:
                 self._report()
-            if time.monotonic() - self._last_prune >= PRUNE_EVERY_S and self._store_current:
-                self._last_prune = time.monotonic()
-                try:
-                    removed = self.store.prune_trade_candles(MINUTE, retention_s)
-                except sqlite3.Error as exc:
-                    self.keeper.failed(exc)
-                    continue
-                if removed:
-                    log.info("minute candles pruned", extra={"removed": removed})
 
     def _report(self) -> None:
         """One line per product a minute: is data flowing, and how fresh is it."""
