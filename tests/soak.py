@@ -6,8 +6,8 @@ BTC-USD and ETH-USD hours of September 2025, ~90 trades an hour each) at 2,160x,
 Mosquitto, and three stream clients (one reconnecting every minute). Minute candles are kept 7 days.
 While it runs, RSS, open files, threads and the database's size are sampled; at the end it checks:
 
-* every hour predicted for every product and model (from the second on), and every realized close
-  recorded (the real one);
+* every hour predicted for every product and model (from the first prediction on, which comes within
+  the first 6 market hours), and every realized close recorded (the real one);
 * RSS after warm-up (the first tenth) flat: growth at most 10 %;
 * the database bounded by retention: minute candles pruned to 7 days, the file growing far less in
   the second half than in the first;
@@ -55,6 +55,7 @@ TAPE = [f"--candles=BTC-USD={BTC_1H}", f"--candles=ETH-USD={ETH_1H}", "--from=20
 FAULTS = ["--drop-every=5000", "--silence-every=20000", "--silence-s=0.5", "--omit-rate=0.002",
           "--duplicate-rate=0.002", "--malformed-every=997", "--fault-seed=11"]  # fmt: skip
 RSS_GROWTH = 0.10
+FIRST_WITHIN_H = 6
 
 
 def sample(pid: int, db: Path) -> dict[str, float]:
@@ -104,28 +105,32 @@ Check = tuple[bool, str]  # (held, what was seen)
 
 
 def predictions_check(store: Store) -> tuple[Check, Check]:
-    """Every hour predicted by every model, and each realized close the real one."""
+    """Every hour predicted by every model from the first prediction on, the first within
+    ``FIRST_WITHIN_H``, and each realized close the real one.
+
+    The first hours are the start's: the hour ingest began in is built from trades only in part, so
+    its prediction waits for that hour's candle over REST, which at 2,160x takes a few market hours
+    on a loaded machine (at a live rate, a second of the hour's 3,600). The predictor does not go
+    back for hours that closed before it could predict them.
+    """
     real = {p: {c.start: c.row().close for c in read_candle_csv(csv)} for p, csv in CSVS.items()}
     start, end = parse_time(START), parse_time(END)
-    holes, unrealized, wrong = [], 0, 0
+    holes, late, firsts, unrealized, wrong = [], [], [], 0, 0
     for p in PRODUCTS:
         for m in MODELS:
             rows = store.predictions(p, model=m)
             made = {r.as_of for r in rows}
-            # From the second hour on: at 2,160x the first hour closes 1.7 s after the start, before
-            # the first back-fill is in (live, that takes a second of the hour's 3,600).
-            holes += [f"{p}/{m}@{h}" for h in range(start + HOUR, end, HOUR) if h not in made]
+            first = min(made, default=end)  # none at all: late, and no hours to count
+            firsts.append((first - start) // HOUR)
+            late += [f"{p}/{m}"] if first > start + FIRST_WITHIN_H * HOUR else []
+            holes += [f"{p}/{m}@{h}" for h in range(first, end, HOUR) if h not in made]
             due = [r for r in rows if r.target_time < end]
             unrealized += sum(r.realized_close is None for r in due)
             wrong += sum(r.realized_close not in (None, real[p][r.target_time - HOUR]) for r in due)
-    hours = (end - start) // HOUR - 1
-    seen = (
-        f"{hours} hours x {len(PRODUCTS)} products x {len(MODELS)} models; {len(holes)} missing {holes[:3]}"
-    )
-    return (not holes, seen), (
-        unrealized == wrong == 0,
-        f"{unrealized} unrealized, {wrong} not the real close",
-    )
+    seen = (f"{len(PRODUCTS)} products x {len(MODELS)} models: the first after {sorted(set(firsts))} market "
+            f"hours (at most {FIRST_WITHIN_H}), then {len(holes)} hours missing {holes[:3]}")  # fmt: skip
+    realized = f"{unrealized} unrealized, {wrong} not the real close"
+    return (not holes and not late, seen), (unrealized == wrong == 0, realized)
 
 
 def candles_check(store: Store, tape: list[Trade]) -> Check:
