@@ -5,7 +5,8 @@ import time
 
 import pytest
 
-from appliance.coinbase.feed import ThrottledLog, backoff_delay
+from appliance.coinbase.feed import backoff_delay
+from appliance.helpers.throttle import ThrottledLog
 
 
 def test_backoff_grows_then_stays_capped_through_a_long_outage() -> None:

@@ -27,6 +27,7 @@ from appliance.coinbase.messages import (
     SubscriptionsMessage,
     parse_feed_frame,
 )
+from appliance.helpers.throttle import ThrottledLog
 from appliance.metrics import FEED_CONNECTED, FEED_CONNECTS, FEED_DISCONNECTS, FEED_MESSAGES, FEED_REJECTED
 
 log = logging.getLogger(__name__)
@@ -51,23 +52,6 @@ FeedEvent = MatchMessage | HeartbeatMessage | Connected | Disconnected
 def backoff_delay(failures: int, cap_s: float, base_s: float = 0.25) -> float:
     """Exponential back-off with full jitter; bounded however long the outage lasts."""
     return random.uniform(0, min(cap_s, base_s * 2 ** min(failures, 32)))
-
-
-class ThrottledLog:
-    """At most one line per key and interval, saying how many were suppressed: floods stay readable."""
-
-    def __init__(self, logger: logging.Logger, interval_s: float = 5.0) -> None:
-        self._log, self._interval = logger, interval_s
-        self._last: dict[str, tuple[float, int]] = {}
-
-    def warning(self, key: str, msg: str, **fields: object) -> None:
-        now = time.monotonic()
-        last, suppressed = self._last.get(key, (-1e9, 0))
-        if now - last < self._interval:
-            self._last[key] = (last, suppressed + 1)
-            return
-        self._last[key] = (now, 0)
-        self._log.warning(msg, extra={**fields, "suppressed": suppressed} if suppressed else fields)
 
 
 class Watchdog:
