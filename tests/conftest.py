@@ -167,6 +167,23 @@ async def running() -> AsyncIterator[Callable[..., asyncio.Task[None]]]:
             await task
 
 
+class FakeClock:
+    """A clock the test sets (``now``); its sleeps return at once, so a waiting deployer looks again."""
+
+    def __init__(self, now: float, synced: bool = True) -> None:
+        self.now = now
+        self.synced = synced
+
+    def time(self) -> float:
+        return self.now
+
+    def synchronized(self) -> bool:
+        return self.synced
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(0.02)
+
+
 class MetricDelta:
     """How much each ``cryptopi_*`` sample has grown since construction (counters are process-wide)."""
 
