@@ -7,6 +7,7 @@ digest (``image@sha256:…``, the pin), so only an image that passed the gate st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -139,7 +140,8 @@ class Engine:
                 continue
             try:
                 for ref in refs:  # the last reference removed deletes the image
-                    self.client.images.remove(ref)
+                    with contextlib.suppress(NotFound):  # gone with an earlier one (its last tag)
+                        self.client.images.remove(ref)
             except DockerException as exc:
                 log.warning("image not pruned", extra={"image": image.id[:19], "error": str(exc)[:300]})
                 continue
