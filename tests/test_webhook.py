@@ -8,6 +8,7 @@ deployer's decisions (windows, pins, pruning, rollback) are checked here with a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sqlite3
@@ -506,7 +507,9 @@ def at(text: str) -> float:
     return datetime.fromisoformat(text).timestamp()
 
 
-async def test_a_push_at_59_is_deferred_and_deployed_at_02(records: Records) -> None:
+@contextlib.asynccontextmanager
+async def deferred_at_59(records: Records) -> AsyncIterator[tuple[FakeClock, ScriptedDocker, Deployer, int]]:
+    """A deployer at 10:59 with the default quiet minutes, and a push it deferred."""
     clock = FakeClock(at("2026-12-01T10:59:00+00:00"))
     docker = ScriptedDocker()
     deployer = Deployer(docker, records, 1.0, window=DeployWindow((58, 2)), clock=clock)
@@ -514,6 +517,13 @@ async def test_a_push_at_59_is_deferred_and_deployed_at_02(records: Records) -> 
     try:
         first, _ = deployer.request("latest", clock.now)
         await wait_for(lambda: records.recent()[0].state == "deferred", 5, "the deferral")
+        yield clock, docker, deployer, first.id
+    finally:
+        worker.cancel()
+
+
+async def test_a_push_at_59_is_deferred_and_deployed_at_02(records: Records) -> None:
+    async with deferred_at_59(records) as (clock, docker, deployer, first):
         assert records.recent()[0].deferred_until == at("2026-12-01T11:02:00+00:00")
         _, coalesced = deployer.request("latest", clock.now + 30)  # a push meanwhile joins it
         assert coalesced
@@ -524,25 +534,16 @@ async def test_a_push_at_59_is_deferred_and_deployed_at_02(records: Records) -> 
         assert docker.calls == []
         clock.now = at("2026-12-01T11:02:00+00:00")
         await wait_for(lambda: records.recent()[0].state == "succeeded", 5, "the deploy at :02")
-    finally:
-        worker.cancel()
     (ended,) = records.recent()
-    assert (ended.id, ended.triggers, ended.started_at) == (first.id, 2, at("2026-12-01T11:02:00+00:00"))
+    assert (ended.id, ended.triggers, ended.started_at) == (first, 2, at("2026-12-01T11:02:00+00:00"))
 
 
 async def test_a_deploy_by_hand_with_now_ignores_the_window(records: Records) -> None:
-    clock = FakeClock(at("2026-12-01T10:59:00+00:00"))
-    docker = ScriptedDocker()
-    deployer = Deployer(docker, records, 1.0, window=DeployWindow((58, 2)), clock=clock)
-    worker = asyncio.create_task(deployer.run())
-    try:
-        deployer.request("latest", clock.now)
-        await wait_for(lambda: records.recent()[0].state == "deferred", 5, "the deferral")
+    async with deferred_at_59(records) as (clock, docker, deployer, _):
         _, coalesced = deployer.request("(manual)", clock.now, "manual", force=True)
         assert coalesced
         await wait_for(lambda: records.recent()[0].state == "succeeded", 5, "the forced deploy")
-    finally:
-        worker.cancel()
+    assert docker.calls[0] == "pull"
 
 
 NIGHT = (daytime(2), daytime(5))

@@ -13,7 +13,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from appliance.helpers.mqtt import mqtt_client
+from appliance.helpers.mqtt import HA_STATUS, came_online, mqtt_client
 from webhook.metrics import NOTIFICATIONS
 from webhook.records import ENDED, UNDER_WAY, Deployment
 from webhook.settings import split_urls
@@ -22,7 +22,6 @@ log = logging.getLogger(__name__)
 
 #: The outcomes worth a push notification.
 NOTIFIED = ("succeeded", "rolled_back", "failed")
-HA_STATUS = "homeassistant/status"
 
 
 def _version(version: str | None, digest: str | None) -> str:
@@ -149,11 +148,8 @@ class MqttNotifier:
     def _on_connect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
     ) -> None:
-        if reason.is_failure:
-            log.error("mqtt connect refused", extra={"reason": str(reason)})
+        if not came_online(client, reason, self.status_topic):
             return
-        client.subscribe(HA_STATUS, qos=1)
-        client.publish(self.status_topic, "online", qos=1, retain=True)
         self._announce(client)
         log.info("mqtt connected", extra={"broker": str(self.broker)})
 
