@@ -6,6 +6,7 @@ Both are called on every change of a deployment's state, from the deploy thread;
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -97,7 +98,11 @@ class MqttNotifier:
         self.client.loop_start()
 
     def stop(self) -> None:
-        self.client.publish(self.status_topic, "offline", qos=1, retain=True)
+        """Say ``offline`` (retained) before leaving: the update entity turns unavailable at once."""
+        info = self.client.publish(self.status_topic, "offline", qos=1, retain=True)
+        if self.client.is_connected():
+            with contextlib.suppress(RuntimeError, ValueError):  # queued while disconnected: no wait
+                info.wait_for_publish(timeout=2)
         self.client.disconnect()
         self.client.loop_stop()
 
