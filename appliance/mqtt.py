@@ -21,13 +21,11 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from appliance import __version__
-from appliance.helpers.mqtt import mqtt_client
+from appliance.helpers.mqtt import HA_STATUS, came_online, mqtt_client
 from appliance.metrics import MQTT_CONNECTED, MQTT_PUBLISHED
 from appliance.predictions import PredictionRow
 
 log = logging.getLogger(__name__)
-
-HA_STATUS = "homeassistant/status"
 
 
 def slug(text: str) -> str:
@@ -155,12 +153,9 @@ class MqttPublisher:
     def _on_connect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
     ) -> None:
-        if reason.is_failure:
-            log.error("mqtt connect refused", extra={"reason": str(reason)})
+        if not came_online(client, reason, self.status_topic):
             return
         MQTT_CONNECTED.set(1)
-        client.subscribe(HA_STATUS, qos=1)
-        client.publish(self.status_topic, "online", qos=1, retain=True)
         self.announce()
         with self._lock:
             latest = list(self._latest.items())

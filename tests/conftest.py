@@ -168,6 +168,23 @@ async def running() -> AsyncIterator[Callable[..., asyncio.Task[None]]]:
             await task
 
 
+class FakeClock:
+    """A clock the test sets (``now``); its sleeps return at once, so a waiting deployer looks again."""
+
+    def __init__(self, now: float, synced: bool = True) -> None:
+        self.now = now
+        self.synced = synced
+
+    def time(self) -> float:
+        return self.now
+
+    def synchronized(self) -> bool:
+        return self.synced
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(0.02)
+
+
 class MetricDelta:
     """How much each ``cryptopi_*`` sample has grown since construction (counters are process-wide)."""
 
@@ -238,7 +255,7 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
 
 
 class MqttWatcher:
-    """A plain paho subscriber that records the last payload (and a count) per topic."""
+    """A plain paho subscriber that records every payload per topic (the last one, and a count)."""
 
     def __init__(self, port: int, topics: Sequence[str]) -> None:
         import paho.mqtt.client as mqtt
@@ -246,11 +263,13 @@ class MqttWatcher:
 
         self.last: dict[str, bytes] = {}
         self.count: dict[str, int] = {}
+        self.history: dict[str, list[bytes]] = {}
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2)
 
         def on_message(client: Any, userdata: Any, msg: Any) -> None:
             self.last[msg.topic] = msg.payload
             self.count[msg.topic] = self.count.get(msg.topic, 0) + 1
+            self.history.setdefault(msg.topic, []).append(msg.payload)
 
         def on_connect(client: Any, *_: Any) -> None:
             for topic in topics:

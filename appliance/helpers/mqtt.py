@@ -5,13 +5,19 @@ Nothing here publishes or counts: each program adds its own topics and metrics o
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 SCHEMES = ("mqtt", "mqtts")
+#: Home Assistant publishes ``online`` here when it starts: discovery configs are then sent again.
+HA_STATUS = "homeassistant/status"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,3 +55,14 @@ def mqtt_client(url: str, client_id: str, *, ca_file: str | None = None) -> tupl
     if broker.tls:
         client.tls_set(ca_certs=ca_file)
     return client, broker
+
+
+def came_online(client: mqtt.Client, reason: Any, status_topic: str) -> bool:
+    """On (re)connect: False, logged, if the broker refused; else follow Home Assistant's restarts and
+    say ``online`` (retained) on ``status_topic``, the last will's topic."""
+    if reason.is_failure:
+        log.error("mqtt connect refused", extra={"reason": str(reason)})
+        return False
+    client.subscribe(HA_STATUS, qos=1)
+    client.publish(status_topic, "online", qos=1, retain=True)
+    return True
