@@ -21,9 +21,8 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client import generate_latest
 
-from tests.conftest import REPO, FakeClock, wait_for
+from tests.conftest import REPO, FakeClock, MetricDelta, wait_for
 from webhook.__main__ import init
 from webhook.app import create_admin_app, create_hook_app
 from webhook.clock import DeployWindow
@@ -157,19 +156,25 @@ IGNORED: list[tuple[str, dict[str, Any], str]] = [
 ]  # fmt: skip
 
 
-async def assert_no_deploys(client: httpx.AsyncClient, records: Records) -> None:
+@pytest.fixture
+def metrics() -> MetricDelta:
+    """Counters are process-wide (other tests post pushes too): each test reads how much they grew."""
+    return MetricDelta()
+
+
+async def assert_no_deploys(metrics: MetricDelta, records: Records) -> None:
     assert records.recent() == []
-    assert 'cryptopi_webhook_requests_total{outcome="accepted"} 0.0' in generate_latest().decode()
+    assert metrics("cryptopi_webhook_requests_total", outcome="accepted") == 0
 
 
 @pytest.mark.parametrize("token", WRONG_TOKENS)
 async def test_a_wrong_token_is_a_404_and_causes_nothing(
-    client: httpx.AsyncClient, records: Records, token: str
+    metrics: MetricDelta, client: httpx.AsyncClient, records: Records, token: str
 ) -> None:
     answer = await client.post(f"/hooks/dockerhub/{token}", json=push())
     assert answer.status_code == 404, answer.text
     assert answer.json() == {"detail": "Not Found"}
-    await assert_no_deploys(client, records)
+    await assert_no_deploys(metrics, records)
 
 
 NOT_THE_HOOK = [
@@ -218,37 +223,54 @@ async def test_wrong_tokens_log_one_line_with_a_count(
 
 
 @pytest.mark.parametrize(("case", "body", "status", "says"), MALFORMED, ids=[m[0] for m in MALFORMED])
-async def test_malformed_bodies_get_a_clear_400(client: httpx.AsyncClient, records: Records, case: str,
-                                                 body: bytes, status: int, says: str) -> None:  # fmt: skip
+async def test_malformed_bodies_get_a_clear_400(
+    metrics: MetricDelta,
+    client: httpx.AsyncClient,
+    records: Records,
+    case: str,
+    body: bytes,
+    status: int,
+    says: str,
+) -> None:
     answer = await client.post(HOOK, content=body, headers={"content-type": "application/json"})
     assert answer.status_code == status, answer.text
     assert says in answer.json()["detail"]
-    await assert_no_deploys(client, records)
+    await assert_no_deploys(metrics, records)
 
 
 @pytest.mark.parametrize(("case", "payload", "field"), BAD_FIELDS, ids=[b[0] for b in BAD_FIELDS])
 async def test_bad_fields_get_a_400_naming_the_field(
-    client: httpx.AsyncClient, records: Records, case: str, payload: dict[str, Any], field: str
+    metrics: MetricDelta,
+    client: httpx.AsyncClient,
+    records: Records,
+    case: str,
+    payload: dict[str, Any],
+    field: str,
 ) -> None:
     answer = await client.post(HOOK, json=payload)
     assert answer.status_code == 400, answer.text
     assert answer.json()["detail"].startswith(f"{field}:"), answer.json()
-    await assert_no_deploys(client, records)
+    await assert_no_deploys(metrics, records)
 
 
 @pytest.mark.parametrize(("case", "payload", "reason"), IGNORED, ids=[i[0] for i in IGNORED])
 async def test_pushes_that_are_not_ours_are_ignored_with_the_reason(
-    client: httpx.AsyncClient, records: Records, case: str, payload: dict[str, Any], reason: str
+    metrics: MetricDelta,
+    client: httpx.AsyncClient,
+    records: Records,
+    case: str,
+    payload: dict[str, Any],
+    reason: str,
 ) -> None:
     answer = await client.post(HOOK, json=payload)
     assert answer.status_code == 202, answer.text
     assert answer.json()["status"] == "ignored", answer.json()
     assert reason in answer.json()["reason"]
-    await assert_no_deploys(client, records)
+    await assert_no_deploys(metrics, records)
 
 
 async def test_oversized_bodies_get_413_declared_or_streamed(
-    client: httpx.AsyncClient, records: Records
+    metrics: MetricDelta, client: httpx.AsyncClient, records: Records
 ) -> None:
     assert (await client.post(HOOK, content=BIG)).status_code == 413
 
@@ -259,18 +281,18 @@ async def test_oversized_bodies_get_413_declared_or_streamed(
     answer = await client.post(HOOK, content=chunks())
     assert answer.status_code == 413
     assert "65536" in answer.json()["detail"]
-    await assert_no_deploys(client, records)
+    await assert_no_deploys(metrics, records)
 
 
 async def test_replaying_docker_hubs_documented_example_deploys_nothing(
-    client: httpx.AsyncClient, records: Records
+    metrics: MetricDelta, client: httpx.AsyncClient, records: Records
 ) -> None:
     example = DOCS_PAYLOAD.read_bytes()
     for _ in range(3):
         answer = await client.post(HOOK, content=example)
         assert answer.status_code == 202
         assert answer.json()["status"] == "ignored"
-    await assert_no_deploys(client, records)
+    await assert_no_deploys(metrics, records)
 
 
 async def test_a_good_push_queues_one_deploy_and_its_replay_is_ignored(
