@@ -48,6 +48,7 @@ class ProductCursor:
     first_time_us: int | None = None  # set when this process started coverage (None when resumed)
     last_trade_id: int | None = None
     last_time_us: int = 0
+    last_price: float | None = None  # of the newest trade held (None when resumed, until one arrives)
     pending: dict[tuple[int, int], Candle] = field(default_factory=dict)
     minute_closed: bool = False
 
@@ -61,6 +62,7 @@ class ProductCursor:
             self.minute_closed = True
         self.last_trade_id = trade.trade_id
         self.last_time_us = trade.time_us
+        self.last_price = trade.price
         for g in TRADE_GRANULARITIES:
             key = (g, bucket_start(trade.time_us, g))
             candle = self.pending.get(key)
@@ -78,6 +80,7 @@ class Ingester:
         rest: CoinbaseRest,
         feed: CoinbaseFeed | None = None,
         on_commit: Callable[[], None] | None = None,
+        on_feed: Callable[[bool], None] | None = None,
     ):
         self.settings = settings
         self.store = store
@@ -89,6 +92,7 @@ class Ingester:
             reconnect_max_s=settings.reconnect_max_s,
         )
         self.on_commit = on_commit  # told after each commit (e.g. to look for a closed candle)
+        self.on_feed = on_feed  # told True / False as the feed connects and disconnects
         self.cursors: dict[str, ProductCursor] = {}
         for product in settings.products:
             state = store.ingest_state(product)
@@ -122,6 +126,8 @@ class Ingester:
                     await self._on_heartbeat(event)
                 elif isinstance(event, Connected | Disconnected):
                     self.commit()
+                    if self.on_feed:
+                        self.on_feed(isinstance(event, Connected))
                 self._maybe_commit()
         finally:
             flusher.cancel()

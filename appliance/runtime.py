@@ -100,18 +100,21 @@ async def up(settings: Settings) -> None:
         publisher = MqttPublisher(
             settings.mqtt_url, settings.mqtt_device_id, settings.products,
             discovery_prefix=settings.mqtt_discovery_prefix, ca_file=settings.mqtt_ca_file,
+            configuration_url=settings.dashboard_url,
         )  # fmt: skip
 
         def to_mqtt(rows: list[PredictionRow]) -> None:
             assert publisher is not None
-            for product in {r.product for r in rows}:
-                publisher.set_models(product, inference.models_of(product))
+            for product, granularity in {(r.product, r.granularity) for r in rows}:
+                publisher.set_models(product, granularity, inference.models_of(product))
             publisher.publish(rows, predictor.accuracy)
 
         predictor.listeners.append(to_mqtt)
         for product in settings.products:
             predictor.score(product)
             to_mqtt(store.latest_predictions(product))  # what is known already, before the next close
+        for event in live_candles(store, settings.products):  # and the newest price stored
+            publisher.publish_live_price(event["product"], event["candle"]["close"])
         publisher.start()
     async with CoinbaseRest(settings.coinbase_rest_url, rate_per_s=settings.rest_rate_per_s,
                             timeout_s=settings.rest_timeout_s) as rest:  # fmt: skip
@@ -123,12 +126,17 @@ async def up(settings: Settings) -> None:
             nonlocal last_candle_event
             predictor.wake.set()
             committed.set()
+            if publisher:  # the publisher keeps the pace (and skips what did not change)
+                for product, cursor in ingester.cursors.items():
+                    if cursor.last_price is not None:
+                        publisher.publish_live_price(product, cursor.last_price)
             if hub.clients and time.monotonic() - last_candle_event >= CANDLE_EVENT_GAP_S:
                 last_candle_event = time.monotonic()
                 for event in live_candles(store, settings.products):
                     hub.publish(event)
 
-        ingester = Ingester(settings, store, rest, on_commit=on_commit)
+        ingester = Ingester(settings, store, rest, on_commit=on_commit,
+                            on_feed=publisher.set_feed_connected if publisher else None)  # fmt: skip
 
         def to_stream(rows: list[PredictionRow]) -> None:
             for r in rows:

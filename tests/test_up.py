@@ -134,14 +134,14 @@ def test_mqtt_carries_the_prediction_the_api_serves(appliance) -> None:
     url, _, _, broker = appliance
     watcher = MqttWatcher(broker.port, ["cryptopi/#", "homeassistant/#"])
     try:
-        wanted = {"cryptopi/cryptopi/btc-usd/cnn", "cryptopi/cryptopi/status",
-                  "homeassistant/sensor/cryptopi_cryptopi/eth-usd_lasso/config"}  # fmt: skip
+        wanted = {"cryptopi/cryptopi/btc-usd/1h/cnn", "cryptopi/cryptopi/status",
+                  "homeassistant/sensor/cryptopi_cryptopi/eth-usd_1h_lasso/config"}  # fmt: skip
         watcher.wait(lambda: wanted <= set(watcher.last), 10, "retained prediction, status and discovery")
         assert watcher.last["cryptopi/cryptopi/status"] == b"online"
         api = httpx.get(f"{url}/api/predict", params={"product": "BTC-USD", "model": "cnn"}).json()
-        watcher.wait(lambda: json.loads(watcher.last["cryptopi/cryptopi/btc-usd/cnn"])["as_of"]
+        watcher.wait(lambda: json.loads(watcher.last["cryptopi/cryptopi/btc-usd/1h/cnn"])["as_of"]
                      >= parse_time(api["as_of"]), 10, "the API's prediction on MQTT")  # fmt: skip
-        mqtt = json.loads(watcher.last["cryptopi/cryptopi/btc-usd/cnn"])
+        mqtt = json.loads(watcher.last["cryptopi/cryptopi/btc-usd/1h/cnn"])
         if mqtt["as_of"] == parse_time(api["as_of"]):
             assert mqtt["predicted_close"] == round(api["predicted_close"], 2)
             assert mqtt["model_version"] == api["model_version"]
