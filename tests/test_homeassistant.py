@@ -167,8 +167,8 @@ def test_home_assistant_shows_the_appliance(home_assistant: HomeAssistant, tmp_p
 
 
 def test_every_discovery_key_is_in_home_assistants_own_schema(home_assistant: HomeAssistant) -> None:
-    """2024.3.3's own MQTT schemas keep every key but default_entity_id (2025.10's, where object_id is
-    read before); current Home Assistant's are mirrored in tests/test_mqtt.py."""
+    """2024.3.3's own MQTT schemas keep every key but default_entity_id, which only 2025.10 on reads
+    (2024.3 takes the entity id from object_id); current Home Assistant's are mirrored in test_mqtt.py."""
     p = MqttPublisher("mqtt://127.0.0.1:1", "cryptopi", tuple(PRODUCTS), configuration_url="http://pi:8000/")
     for product in PRODUCTS:
         p.set_models(product, 3600, list(MODELS))
