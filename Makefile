@@ -50,8 +50,9 @@ fmt: setup  ## apply ruff's fixes and formatting
 	$(DEV) ruff check --fix .
 	$(DEV) ruff format .
 
-# Services the tests run for real (started by the tests themselves, on loopback).
-TEST_PACKAGES := mosquitto chromium docker.io docker-registry debootstrap shellcheck systemd
+# Services the tests run for real (started by the tests themselves, on loopback); python3-venv makes the
+# real Home Assistant's own virtualenv (tests/homeassistant.py builds it on first use).
+TEST_PACKAGES := mosquitto chromium docker.io docker-registry debootstrap shellcheck systemd python3-venv
 
 test-deps:  ## install the system packages the tests need (Debian)
 	@missing=$$(for p in $(TEST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \

@@ -64,6 +64,7 @@ class ProductCursor:
     first_time_us: int | None = None  # set when this process started coverage (None when resumed)
     last_trade_id: int | None = None
     last_time_us: int = 0
+    last_price: float | None = None  # of the newest trade held (None when resumed, until one arrives)
     pending: dict[tuple[int, int], Candle] = field(default_factory=dict)
     minute_closed: bool = False
 
@@ -77,6 +78,7 @@ class ProductCursor:
             self.minute_closed = True
         self.last_trade_id = trade.trade_id
         self.last_time_us = trade.time_us
+        self.last_price = trade.price
         for g in TRADE_GRANULARITIES:
             key = (g, bucket_start(trade.time_us, g))
             candle = self.pending.get(key)
@@ -102,6 +104,8 @@ class Ingester:
         self.feed = feed or CoinbaseFeed.from_settings(settings, self.health)
         #: Told after each commit that stored trades (to look for a closed candle, stream the price).
         self.listeners: list[Callable[[], None]] = []
+        #: Told True / False as the feed connects and disconnects.
+        self.feed_listeners: list[Callable[[bool], None]] = []
         self.cursors: dict[str, ProductCursor] = {}
         for product in settings.products:
             state = store.ingest_state(product)
@@ -135,6 +139,8 @@ class Ingester:
                     await self._on_heartbeat(event)
                 elif isinstance(event, Connected | Disconnected):
                     self.commit()
+                    for listener in self.feed_listeners:
+                        listener(isinstance(event, Connected))
                 self._maybe_commit()
         finally:
             flusher.cancel()
@@ -143,6 +149,10 @@ class Ingester:
     @property
     def connected(self) -> bool:
         return self.feed.connected
+
+    def last_prices(self) -> dict[str, float]:
+        """The newest trade's price per product (those with a trade since this process started)."""
+        return {p: c.last_price for p, c in self.cursors.items() if c.last_price is not None}
 
     def last_trade_time_us(self, product: str) -> int | None:
         """Event time of the newest trade held (committed or not), None before the first."""

@@ -17,6 +17,7 @@ import uvicorn
 from appliance.api.app import create_app
 from appliance.api.state import AppState
 from appliance.api.stream import Hub, LiveEvents
+from appliance.candles import HOUR
 from appliance.coinbase.rest import CoinbaseRest
 from appliance.features import WINDOW
 from appliance.health import Conditions
@@ -38,20 +39,6 @@ async def up(settings: Settings) -> None:
     inference = Inference(settings.models_dir, settings.products)
     inference.reload()
     predictor = Predictor(store, inference)
-    publisher = None
-    if settings.mqtt_url:
-        publisher = MqttPublisher(
-            settings.mqtt_url, settings.mqtt_device_id, settings.products,
-            discovery_prefix=settings.mqtt_discovery_prefix, ca_file=settings.mqtt_ca_file,
-            models_of=inference.models_of, accuracy=predictor.accuracy,
-        )  # fmt: skip
-        predictor.listeners.append(publisher.on_predictions)
-        for product in settings.products:
-            predictor.score(product)
-            publisher.on_predictions(
-                store.latest_predictions(product)
-            )  # what is known, before the next close
-        publisher.start()
     async with CoinbaseRest.from_settings(settings) as rest:
         ingester = Ingester(settings, store, rest, health=health)
         history = HistoryKeeper(store, rest, settings.products, max(WINDOW, settings.history_days * 24),
@@ -63,6 +50,23 @@ async def up(settings: Settings) -> None:
         for product in settings.products:
             app_state.keep(store.latest_predictions(product))
         predictor.listeners += [live.on_predictions, app_state.keep]
+        publisher = None
+        if settings.mqtt_url:
+            publisher = MqttPublisher(
+                settings.mqtt_url, settings.mqtt_device_id, settings.products,
+                discovery_prefix=settings.mqtt_discovery_prefix, ca_file=settings.mqtt_ca_file,
+                configuration_url=settings.dashboard_url, models_of=inference.models_of,
+                accuracy=predictor.accuracy, live_prices=ingester.last_prices,
+            )  # fmt: skip
+            predictor.listeners.append(publisher.on_predictions)
+            ingester.listeners.append(publisher.on_commit)
+            ingester.feed_listeners.append(publisher.set_feed_connected)
+            for product in settings.products:  # what is known already, before the next close
+                predictor.score(product)
+                publisher.on_predictions(store.latest_predictions(product))
+                if (newest := store.newest_trade_candle(product, HOUR)) is not None:
+                    publisher.publish_live_price(product, newest.close)
+            publisher.start()
         app = create_app(app_state)
         # Everything loaded so far (models, libraries, the app) lives as long as the process: out of
         # the collector's sight, a full collection takes a few ms instead of tens, mid-request.

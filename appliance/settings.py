@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -32,6 +33,10 @@ class Settings(BaseSettings):
     commit_interval_s: float = Field(1.0, gt=0, description="Longest time trades wait uncommitted")
     http_host: str = Field("0.0.0.0", description="Address the API and dashboard listen on")
     http_port: int = Field(8000, ge=1, le=65535)
+    public_url: str | None = Field(
+        None, description="Where users reach the dashboard (Home Assistant links to it); "
+        "default http://<host>:<port>/ from the HTTP settings"
+    )  # fmt: skip
     build: str = Field("dev", max_length=100, description="Version and commit (set by the image)")
     models_dir: Path = Field(MODELS_DIR, description="Model registry (default: the models shipped inside)")
     history_days: int = Field(3, ge=2, le=300, description="Hourly history back-filled on first start")
@@ -73,6 +78,11 @@ class Settings(BaseSettings):
     def _check_rest_url(cls, value: str) -> str:
         return check_url(value, ("http", "https"))
 
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, value: str | None) -> str | None:
+        return check_url(value, ("http", "https")) if value else None
+
     @field_validator("mqtt_url")
     @classmethod
     def _check_mqtt_url(cls, value: str | None) -> str | None:
@@ -81,6 +91,14 @@ class Settings(BaseSettings):
     @property
     def db_path(self) -> Path:
         return self.data_dir / "cryptopi.sqlite3"
+
+    @property
+    def dashboard_url(self) -> str:
+        """``public_url``, else this host's address: its name when the API listens on every address."""
+        if self.public_url:
+            return self.public_url
+        host = socket.gethostname() if self.http_host in ("0.0.0.0", "::", "") else self.http_host
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.http_port}/"
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -275,6 +275,15 @@ class Store:
         )
         return [CandleRow(*row) for row in self._db.execute(sql, (product, granularity, lo, hi))]
 
+    def newest_trade_candle(self, product: str, granularity: int) -> CandleRow | None:
+        """The trade-built candle of the newest stored trade (the one in progress, or just closed)."""
+        state = self.ingest_state(product)
+        if state is None:
+            return None
+        start = bucket_start(state.last_trade_time_us, granularity)
+        rows = self.candles(product, granularity, source="trades", start=start, end=start + granularity)
+        return rows[0] if rows else None
+
     def series_rows(self, product: str, granularity: int, *, last: int | None = None) -> list[CandleRow]:
         """The best closed candles of a product, oldest first (only the newest ``last`` if given).
 

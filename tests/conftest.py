@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequen
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from prometheus_client import REGISTRY
 
@@ -25,8 +26,9 @@ from appliance.replay.tape import load_tape
 from appliance.settings import Settings
 from appliance.store import Store
 
-#: The private dockerd, registry and base image of the Docker tests: one of each per session.
-pytest_plugins = ["tests.dockerenv"]
+#: The private dockerd, registry and base image of the Docker tests, and the real Home Assistant: one of
+#: each per session.
+pytest_plugins = ["tests.dockerenv", "tests.homeassistant"]
 
 REPO = Path(__file__).resolve().parent.parent
 DATASETS = REPO / "appliance" / "datasets"
@@ -289,3 +291,52 @@ class MqttWatcher:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+@contextlib.contextmanager
+def appliance_up(
+    data: Path, broker: Broker, replay_port: int, port: int | None = None
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``python -m appliance up`` on a replay server and Mosquitto, until every product has a prediction.
+
+    Its API listens on ``port`` (a free one by default). The log goes on in ``data/up.log`` across
+    restarts; whatever is still running is killed at the end.
+    """
+    port = port or free_port()
+    env = os.environ | {
+        "CRYPTOPI_DATA_DIR": str(data), "CRYPTOPI_HTTP_HOST": "127.0.0.1",
+        "CRYPTOPI_HTTP_PORT": str(port), "CRYPTOPI_MQTT_URL": broker.url,
+        "CRYPTOPI_COINBASE_WS_URL": f"ws://127.0.0.1:{replay_port}",
+        "CRYPTOPI_COINBASE_REST_URL": f"http://127.0.0.1:{replay_port}",
+    }  # fmt: skip
+    log = (data / "up.log").open("ab")
+    proc = subprocess.Popen([sys.executable, "-m", "appliance", "up"], env=env, cwd=REPO, stdout=log,
+                            stderr=log)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    try:
+        while True:
+            assert proc.poll() is None, (data / "up.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, (data / "up.log").read_text()[-3000:]
+            try:
+                health = httpx.get(f"{url}/health", timeout=2).json()
+                if all(p["prediction"] == "ok" for p in health["products"].values()):
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+
+
+@contextlib.contextmanager
+def running_up(
+    data: Path, broker: Broker, market: Sequence[str] = LIVE_MARKET_ARGS
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Replay server + Mosquitto + ``python -m appliance up``, until every product has a prediction."""
+    with replay_process(market) as replay_port, appliance_up(data, broker, replay_port) as up:
+        yield up

@@ -1,8 +1,6 @@
 """``python -m appliance up`` against the replay server: live trades in, the same predictions out."""
 
-import contextlib
 import json
-import os
 import re
 import shutil
 import signal
@@ -20,50 +18,7 @@ from appliance.candles import parse_time
 from appliance.features import WINDOW, CandleSeries
 from appliance.inference import Inference
 from appliance.store import Store
-from tests.conftest import (
-    BTC_1H,
-    ETH_1H,
-    LIVE_MARKET_ARGS,
-    REPO,
-    Broker,
-    MqttWatcher,
-    free_port,
-    replay_process,
-)
-
-
-@contextlib.contextmanager
-def running_up(data: Path, broker: Broker) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """Replay server + Mosquitto + ``python -m appliance up``, until every product has a prediction."""
-    port = free_port()
-    with replay_process(LIVE_MARKET_ARGS) as replay_port:
-        env = os.environ | {
-            "CRYPTOPI_DATA_DIR": str(data), "CRYPTOPI_HTTP_HOST": "127.0.0.1",
-            "CRYPTOPI_HTTP_PORT": str(port), "CRYPTOPI_MQTT_URL": broker.url,
-            "CRYPTOPI_COINBASE_WS_URL": f"ws://127.0.0.1:{replay_port}",
-            "CRYPTOPI_COINBASE_REST_URL": f"http://127.0.0.1:{replay_port}",
-        }  # fmt: skip
-        log = (data / "up.log").open("wb")
-        proc = subprocess.Popen([sys.executable, "-m", "appliance", "up"], env=env, cwd=REPO, stdout=log,
-                                stderr=log)  # fmt: skip
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        try:
-            while True:
-                assert proc.poll() is None, (data / "up.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, (data / "up.log").read_text()[-3000:]
-                try:
-                    health = httpx.get(f"{url}/health", timeout=2).json()
-                    if all(p["prediction"] == "ok" for p in health["products"].values()):
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.2)
-            yield url, proc
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+from tests.conftest import BTC_1H, ETH_1H, REPO, Broker, MqttWatcher, running_up
 
 
 @pytest.fixture(scope="module")
@@ -179,14 +134,14 @@ def test_mqtt_carries_the_prediction_the_api_serves(appliance) -> None:
     url, _, _, broker = appliance
     watcher = MqttWatcher(broker.port, ["cryptopi/#", "homeassistant/#"])
     try:
-        wanted = {"cryptopi/cryptopi/btc-usd/cnn", "cryptopi/cryptopi/status",
-                  "homeassistant/sensor/cryptopi_cryptopi/eth-usd_lasso/config"}  # fmt: skip
+        wanted = {"cryptopi/cryptopi/btc-usd/1h/cnn", "cryptopi/cryptopi/status",
+                  "homeassistant/sensor/cryptopi_cryptopi/eth-usd_1h_lasso/config"}  # fmt: skip
         watcher.wait(lambda: wanted <= set(watcher.last), 10, "retained prediction, status and discovery")
         assert watcher.last["cryptopi/cryptopi/status"] == b"online"
         api = httpx.get(f"{url}/api/predict", params={"product": "BTC-USD", "model": "cnn"}).json()
-        watcher.wait(lambda: json.loads(watcher.last["cryptopi/cryptopi/btc-usd/cnn"])["as_of"]
+        watcher.wait(lambda: json.loads(watcher.last["cryptopi/cryptopi/btc-usd/1h/cnn"])["as_of"]
                      >= parse_time(api["as_of"]), 10, "the API's prediction on MQTT")  # fmt: skip
-        mqtt = json.loads(watcher.last["cryptopi/cryptopi/btc-usd/cnn"])
+        mqtt = json.loads(watcher.last["cryptopi/cryptopi/btc-usd/1h/cnn"])
         if mqtt["as_of"] == parse_time(api["as_of"]):
             assert mqtt["predicted_close"] == round(api["predicted_close"], 2)
             assert mqtt["model_version"] == api["model_version"]

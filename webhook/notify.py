@@ -14,7 +14,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from appliance.helpers.mqtt import HA_STATUS, came_online, mqtt_client
+from appliance.helpers.mqtt import HA_STATUS, came_online, ha_device, ha_entity_id, mqtt_client
 from webhook.metrics import NOTIFICATIONS
 from webhook.records import ENDED, UNDER_WAY, Deployment
 from webhook.settings import split_urls
@@ -120,20 +120,16 @@ class MqttNotifier:
 
     def discovery_config(self) -> dict[str, Any]:
         return {
-            "name": "Appliance image",
+            "name": "Appliance image",  # shown after the device's name, as the appliance's own entities
             "unique_id": f"cryptopi_{self.slug}_appliance_image",
-            "default_entity_id": f"update.cryptopi_{self.slug}_appliance_image".replace("-", "_"),
+            **ha_entity_id("update", f"{self.slug}_appliance_image"),
             "state_topic": self.state_topic,
             "device_class": "firmware",
             "entity_category": "diagnostic",
             "availability_topic": self.status_topic,
             "payload_available": "online",
             "payload_not_available": "offline",
-            "device": {
-                "identifiers": [f"cryptopi_{self.slug}"],
-                "name": f"cryptopi {self.slug}",
-                "manufacturer": "cryptopi",
-            },
+            "device": ha_device(self.device),  # the appliance's device: one device in Home Assistant
             "origin": {"name": "cryptopi webhook"},
         }
 

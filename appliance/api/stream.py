@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from appliance.api.schemas import CandleOut, PredictionResult
-from appliance.candles import HOUR, CandleRow, bucket_start
+from appliance.candles import HOUR, CandleRow
 from appliance.predictions import PredictionRow
 from appliance.store import Store
 
@@ -78,13 +78,9 @@ class LiveEvents:
             return
         self._last_candle_event = time.monotonic()
         for product in self.products:
-            state = self.store.ingest_state(product)
-            if state is None:
-                continue
-            start = bucket_start(state.last_trade_time_us, HOUR)
-            rows = self.store.candles(product, HOUR, source="trades", start=start)
-            if rows:
-                self.hub.publish(candle_event(product, rows[-1]))
+            row = self.store.newest_trade_candle(product, HOUR)
+            if row is not None:
+                self.hub.publish(candle_event(product, row))
 
     def on_predictions(self, rows: list[PredictionRow]) -> None:
         for r in rows:

@@ -156,7 +156,7 @@ def measure(out: Path, results: dict[str, object], appliance_cpus: set[int], loa
             results["start_to_first_predictions_s"] = time.perf_counter() - started
 
             # Candle close -> MQTT: both the bench and the appliance subscribe to the same replay.
-            watcher = MqttWatcher(broker.port, [f"cryptopi/cryptopi/{p.lower()}/cnn" for p in PRODUCTS])
+            watcher = MqttWatcher(broker.port, [f"cryptopi/cryptopi/{p.lower()}/1h/cnn" for p in PRODUCTS])
             received: dict[tuple[str, int], float] = {}
 
             def on_message(client: object, userdata: object, msg: object) -> None:
