@@ -5,7 +5,9 @@ included), a boolean operator, a constant, a negated condition, a deleted ``rais
 ``return`` or ``except`` type, ``min``/``max`` swapped. It runs against that module's fast tests in a
 child forked from this process, which imports the mutated module from memory: the files on disk are
 never changed, so an interrupted run leaves nothing behind. Tests that start subprocesses would see
-the code on disk, so only in-process tests belong in :data:`TARGETS`.
+the code on disk, so only in-process tests belong in :data:`TARGETS`. Docstrings, imports and the
+annotations no validator reads (those of dataclass fields, variables and functions, unlike a pydantic
+model's) are left alone.
 
 A mutant that only changes message text (an exception's or log line's arguments, prose strings) is
 counted apart: the score is the share of the other mutants that some test fails on. A module's
@@ -114,7 +116,7 @@ class _Sites:
         for node in self.nodes:
             for child in ast.iter_child_nodes(node):
                 self.parents[child] = node
-        self.skipped: set[ast.AST] = set()  # never mutated (docstrings, imports, TypeVar names)
+        self.skipped: set[ast.AST] = set()  # never mutated (docstrings, imports, type-checker-only code)
         self.types: set[ast.AST] = set()  # type expressions: constants only
         self.messages: set[ast.AST] = set()  # message text
         for node in self.nodes:
@@ -135,10 +137,16 @@ class _Sites:
             isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "TypeVar"
         ):
             mark(self.skipped, node)
-        elif isinstance(node, ast.AnnAssign | ast.arg):
-            mark(self.types, node.annotation)
+        elif isinstance(node, ast.AnnAssign):
+            # Only a model's fields (a class with a base, e.g. pydantic's) have annotations read at run
+            # time; a dataclass field's or a variable's are for the type checker alone.
+            parent = self.parents.get(node)
+            model_field = isinstance(parent, ast.ClassDef) and bool(parent.bases)
+            mark(self.types if model_field else self.skipped, node.annotation)
+        elif isinstance(node, ast.arg):
+            mark(self.skipped, node.annotation)
         elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-            mark(self.types, node.returns)
+            mark(self.skipped, node.returns)
         elif isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name):
             if node.value.id in _TYPE_FORMS:
                 mark(self.types, node)
