@@ -24,6 +24,7 @@ import importlib
 import importlib.abc
 import importlib.util
 import json
+import math
 import os
 import signal
 import sys
@@ -50,6 +51,7 @@ TARGETS: dict[str, tuple[str, ...]] = {
 TARGET_SCORE = 0.90
 PROJECT_PACKAGES = ("appliance", "training", "webhook", "tests")
 MAX_JOBS = 2
+BASELINE_TIMEOUT_S = 600.0
 
 Mutation = Callable[[], ast.AST]
 
@@ -341,11 +343,13 @@ class _FirstFailure:
             self.failed = f"collecting {report.nodeid}"
 
 
-def _child(module: str, code: CodeType, tests: Sequence[str], result: Path) -> NoReturn:
+def _child(module: str, code: CodeType, tests: Sequence[str], result: Path, timeout_s: float) -> NoReturn:
     """In the forked child: run ``tests`` with ``module`` served from ``code``; never returns."""
     status = 99
     try:
         os.setpgid(0, 0)  # the parent kills the whole group on a timeout
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.alarm(math.ceil(timeout_s) + 5)  # ends a hung mutant even if the parent is gone
         log = os.open(result.with_suffix(".log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(log, 1)
         os.dup2(log, 2)
@@ -382,12 +386,14 @@ class Runner:
         self.running: dict[int, _Running] = {}
         self.serial = 0
 
-    def start(self, module: str, code: CodeType, tests: Sequence[str], mutant: Mutant | None) -> None:
+    def start(
+        self, module: str, code: CodeType, tests: Sequence[str], mutant: Mutant | None, timeout_s: float
+    ) -> None:
         self.serial += 1
         result = self.scratch / f"{self.serial}.json"
         pid = os.fork()
         if pid == 0:
-            _child(module, code, tests, result)
+            _child(module, code, tests, result, timeout_s)
         self.running[pid] = _Running(pid, result, time.monotonic(), mutant)
 
     def wait(self, timeout_s: float) -> Iterator[tuple[_Running, str, dict[str, Any]]]:
@@ -456,9 +462,9 @@ def run_module(module: str, tests: tuple[str, ...], runner: Runner, found: list[
     missing = [t for t in tests if not (REPO / t).is_file()]
     if missing:
         raise SystemExit(f"{module}: its tests {missing} do not exist (see TARGETS in tests/mutation.py)")
-    runner.start(module, _compile(ast.parse(source), module), tests, None)
+    runner.start(module, _compile(ast.parse(source), module), tests, None, BASELINE_TIMEOUT_S)
     started = time.monotonic()
-    ((_, status, child),) = list(runner.wait(600))
+    ((_, status, child),) = list(runner.wait(BASELINE_TIMEOUT_S))
     baseline = time.monotonic() - started
     if status != "survived":
         raise SystemExit(
@@ -476,7 +482,7 @@ def run_module(module: str, tests: tuple[str, ...], runner: Runner, found: list[
             while queue and len(runner.running) < runner.jobs:
                 mutant = queue.pop(0)
                 tree, _, _ = mutate(source, mutant.index, mutant.variant)
-                runner.start(module, _compile(tree, module), tests, mutant)
+                runner.start(module, _compile(tree, module), tests, mutant, timeout)
             for run, status, child in runner.wait(timeout):
                 assert run.mutant is not None
                 result.outcomes.append(Outcome(run.mutant, status, round(time.monotonic() - run.started, 2),
@@ -534,6 +540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="mutation-") as scratch:
         runner = Runner(max(1, min(args.jobs, MAX_JOBS)), Path(scratch))
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the children are stopped too
         try:
             for module, tests in chosen.items():
                 started = time.monotonic()
