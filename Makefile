@@ -14,7 +14,7 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 DATASETS := appliance/datasets
 DEMO_PORT := 8765
 
-.PHONY: help setup run demo test test-deps lint fmt bench models clean install smoke-arm64
+.PHONY: help setup run demo test test-deps lint fmt bench mutation models clean install smoke-arm64
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -64,6 +64,9 @@ test: lint test-deps  ## the whole test suite (what CI runs)
 bench: setup  ## measure throughput and memory; JSON in bench-results/, summary on stdout
 	$(DEV) python -m tests.bench
 
+mutation: setup  ## mutation score of the pure-logic modules' fast tests; survivors listed, JSON in mutation-results/
+	$(DEV) python -m tests.mutation $(MUTATION_ARGS)
+
 smoke-arm64: setup  ## build the image for arm64 under QEMU; it must predict as the amd64 one does (root)
 	@dpkg -s qemu-user-static debootstrap docker.io >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
 		$(SUDO) apt-get install -y -qq qemu-user-static debootstrap docker.io; }
@@ -79,4 +82,4 @@ models: setup  ## retrain the shipped BTC-USD and ETH-USD models from the bundle
 	done
 
 clean:  ## remove the virtualenv, caches and local data
-	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache bench-results data
+	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache bench-results mutation-results data

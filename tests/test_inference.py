@@ -47,7 +47,7 @@ def test_serving_reproduces_the_manifest_holdout_mae(btc_hourly: CandleSeries) -
         assert inside[name] / len(errors[name]) == pytest.approx(holdout["coverage_80"], abs=1e-9), name
 
 
-def test_new_versions_swap_in_and_broken_ones_are_refused(tmp_path: Path) -> None:
+def test_new_versions_swap_in_and_broken_ones_are_refused(tmp_path: Path, btc_hourly: CandleSeries) -> None:
     shutil.copytree(SHIPPED, tmp_path, dirs_exist_ok=True)
     inference = Inference(tmp_path, ("BTC-USD",))
     assert inference.reload()
@@ -61,6 +61,9 @@ def test_new_versions_swap_in_and_broken_ones_are_refused(tmp_path: Path) -> Non
     assert inference.serving["BTC-USD"].manifest.version == first  # same manifest content, new folder
     assert latest_versions(tmp_path)["BTC-USD"] == good
 
+    serving = inference.serving["BTC-USD"]
+    recent = window(btc_hourly, int(np.searchsorted(btc_hourly.start, HOLDOUT + 180 * 86400)))
+    before = [(p.model, p.predicted_close) for p in inference.predict("BTC-USD", recent)]
     broken = "btc-usd-3600s-broken"
     shutil.copytree(tmp_path / first, tmp_path / broken)
     (tmp_path / broken / "cnn.onnx").write_bytes(b"not a model")
@@ -68,9 +71,10 @@ def test_new_versions_swap_in_and_broken_ones_are_refused(tmp_path: Path) -> Non
     grown = MetricDelta()
     assert not inference.reload()
     assert grown("cryptopi_model_refused_total", product="BTC-USD") == 1
-    assert inference.serving["BTC-USD"].models["cnn"].log_return(np.zeros(69)) == pytest.approx(
-        inference.serving["BTC-USD"].models["cnn"].log_return(np.zeros(69))
-    )  # still serving, still runs
+    # The loaded set stays, whole, and still predicts what it predicted before the broken version came.
+    assert inference.serving["BTC-USD"] is serving
+    assert [(p.model, p.predicted_close) for p in inference.predict("BTC-USD", recent)] == before
+    assert {m for m, _ in before} == {"lasso", "cnn"}
 
     (tmp_path / "latest.json").write_text(json.dumps({"BTC-USD": 5}))
     assert not inference.reload()  # an unreadable pointer is logged, never raised

@@ -1,8 +1,14 @@
 """Wire messages against the real captures: everything real parses, the wrong shapes do not."""
 
+import dataclasses
 import json
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
 
 from appliance.coinbase.messages import (
+    ErrorMessage,
     HeartbeatMessage,
     MatchMessage,
     Rejected,
@@ -11,6 +17,14 @@ from appliance.coinbase.messages import (
     parse_trade_rows,
 )
 from tests.conftest import CAPTURE
+
+MATCH = {"type": "match", "trade_id": 1052119289, "product_id": "BTC-USD", "price": "63514.6",
+         "size": "0.001", "side": "sell", "time": "2026-07-07T22:58:17.164892Z"}  # fmt: skip
+ROW = {"trade_id": 5, "side": "sell", "size": "0.1", "price": "100.5", "time": "2026-01-01T00:00:00.5Z"}
+
+
+def frame(**fields: Any) -> str:
+    return json.dumps(MATCH | fields)
 
 
 def test_every_frame_of_the_real_capture_parses() -> None:
@@ -74,3 +88,92 @@ def test_rest_trade_rows_skip_bad_rows_with_a_reason() -> None:
     assert len(problems) == 3
     assert any("trade_id" in p for p in problems)
     assert parse_trade_rows("BTC-USD", {"message": "nope"}) == ([], ["expected a JSON list, got dict"])
+
+
+@pytest.mark.parametrize("side", ["buy", "sell"])
+def test_both_sides_parse_from_the_feed_and_from_rest(side: str) -> None:
+    msg = parse_feed_frame(frame(side=side))
+    assert isinstance(msg, MatchMessage)
+    assert msg.trade().side == side
+    trades, problems = parse_trade_rows("BTC-USD", [ROW | {"side": side}])
+    assert (problems, [t.side for t in trades]) == ([], [side])
+
+
+def test_trade_ids_start_at_one() -> None:
+    """Coinbase numbers each product's trades 1, 2, 3...: 1 is a trade, 0 and below are not."""
+    first = parse_feed_frame(frame(trade_id=1))
+    assert isinstance(first, MatchMessage)
+    assert first.trade_id == 1
+    for bad in (0, -1):
+        got = parse_feed_frame(frame(trade_id=bad))
+        assert got == Rejected("malformed", "match.trade_id: Input should be greater than 0")
+    trades, problems = parse_trade_rows("BTC-USD", [ROW | {"trade_id": 1}, ROW | {"trade_id": 0}])
+    assert [t.trade_id for t in trades] == [1]
+    assert problems == ["trade_id: Input should be greater than 0"]
+
+
+def test_a_heartbeat_may_know_of_no_trade_yet() -> None:
+    beat = {"type": "heartbeat", "product_id": "BTC-USD", "sequence": 1, "time": "2026-07-07T22:58:17Z"}
+    zero = parse_feed_frame(json.dumps(beat | {"last_trade_id": 0}))
+    assert isinstance(zero, HeartbeatMessage)
+    assert zero.last_trade_id == 0
+    negative = parse_feed_frame(json.dumps(beat | {"last_trade_id": -1}))
+    assert negative == Rejected(
+        "malformed", "heartbeat.last_trade_id: Input should be greater than or equal to 0"
+    )
+
+
+def test_error_messages_parse_with_or_without_a_reason() -> None:
+    with_reason = parse_feed_frame(
+        '{"type":"error","message":"Failed to subscribe","reason":"BTC-XYZ is not a valid product"}'
+    )
+    assert with_reason == ErrorMessage(
+        type="error", message="Failed to subscribe", reason="BTC-XYZ is not a valid product"
+    )
+    without = parse_feed_frame('{"type":"error","message":"Failed to subscribe"}')
+    assert isinstance(without, ErrorMessage)
+    assert without.reason == ""
+
+
+@pytest.mark.parametrize(
+    ("raw", "rejected"),
+    [
+        (b'{"type":"match"}', Rejected("binary_frame", "binary frame of 16 bytes")),
+        ("not json", Rejected("malformed", "frame: Invalid JSON: expected ident at line 1 column 2")),
+        ("[1]", Rejected("malformed", "frame: Input should be an object")),
+        (frame(price=63514.6), Rejected("malformed", "match.price: Value error, must be a decimal string")),
+        (frame(size=1), Rejected("malformed", "match.size: Value error, must be a decimal string")),
+        (frame(side="up"), Rejected("malformed", "match.side: Input should be 'buy' or 'sell'")),
+        (json.dumps({k: v for k, v in MATCH.items() if k != "price"}),
+         Rejected("malformed", "match.price: Field required")),
+        ('{"type":"subscriptions","channels":[{"name":"matches"}]}',
+         Rejected("malformed", "subscriptions.channels.0.product_ids: Field required")),
+        ('{"type":"' + "t" * 100 + '"}', Rejected("unknown_type", "t" * 40)),
+        ('{"type":"ticker"}', Rejected("unknown_type", "ticker")),
+    ],
+    ids=["binary", "not JSON", "not an object", "price a number", "size a number", "side", "price missing",
+         "nested field",
+         "long unknown type", "unknown type"],
+)  # fmt: skip
+def test_rejections_name_the_reason_and_the_field(raw: str | bytes, rejected: Rejected) -> None:
+    assert parse_feed_frame(raw) == rejected
+
+
+def test_a_frame_wrong_everywhere_is_summarised_by_its_first_three_errors() -> None:
+    got = parse_feed_frame(frame(trade_id="x", product_id="bad", price=1, size=1, side="up", time="x"))
+    assert isinstance(got, Rejected)
+    assert got.reason == "malformed"
+    assert [part.split(":")[0] for part in got.detail.split("; ")] == [
+        "match.trade_id",
+        "match.product_id",
+        "match.price",
+    ]
+
+
+def test_parsed_messages_are_immutable() -> None:
+    msg = parse_feed_frame(frame())
+    assert isinstance(msg, MatchMessage)
+    with pytest.raises(ValidationError, match="frozen"):
+        msg.trade_id = 2  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Rejected("malformed", "x").detail = "y"  # type: ignore[misc]

@@ -115,7 +115,7 @@ MALFORMED: list[tuple[str, bytes, int, str]] = [
     ("byte order mark", b"\xef\xbb\xbf" + json.dumps(push()).encode(), 400, "not JSON"),
     ("UTF-16", json.dumps(push()).encode("utf-16"), 400, "not JSON"),
     ("NaN", json.dumps(push(pushed_at=float("nan"))).encode(), 400, "pushed_at"),
-    ("deeply nested", b'{"push_data":' + b"[" * 5000 + b"]" * 5000 + b"}", 400, ""),
+    ("deeply nested", b'{"push_data":' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "recursion limit exceeded"),
     ("missing push_data", json.dumps({"repository": {"repo_name": REPO_NAME}}).encode(), 400, "push_data"),
     ("missing repository", json.dumps({"push_data": push()["push_data"]}).encode(), 400, "repository"),
     ("push_data a string", json.dumps(push() | {"push_data": "latest"}).encode(), 400, "push_data"),
