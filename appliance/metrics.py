@@ -42,7 +42,9 @@ REALIZED_MAE = Gauge(
 COVERAGE_80 = Gauge("cryptopi_realized_coverage_80", "Share of realized closes inside the 80% interval",
                     ["product", "model"])  # fmt: skip
 MQTT_CONNECTED = Gauge("cryptopi_mqtt_connected", "1 while connected to the MQTT broker")
-MQTT_PUBLISHED = Counter("cryptopi_mqtt_published_total", "MQTT messages published, by kind", ["kind"])
+MQTT_PUBLISHED = Counter(
+    "cryptopi_mqtt_published_total", "MQTT messages handed to a connected broker, by kind", ["kind"]
+)
 HTTP_LATENCY = Histogram(
     "cryptopi_http_request_seconds", "HTTP request latency by route", ["route"],
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import re
+import sys
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from appliance import __version__
+from appliance.health import Conditions
 from appliance.helpers.mqtt import mqtt_client
 from appliance.metrics import MQTT_CONNECTED, MQTT_PUBLISHED
 from appliance.predictions import PredictionRow
@@ -57,6 +59,7 @@ class MqttPublisher:
         expire_after_s: int = 3 * 3600,
         models_of: Callable[[str], list[str]] = lambda product: [],
         accuracy: Mapping[tuple[str, str], dict[str, float | None]] | None = None,
+        health: Conditions | None = None,
     ) -> None:
         self.device = slug(device_id)
         self.products = products
@@ -68,12 +71,14 @@ class MqttPublisher:
         self.accuracy = accuracy if accuracy is not None else {}  # rolling accuracy per (product, model)
         self._latest: dict[str, str] = {}  # topic -> payload, re-published on every connect
         self._lock = threading.Lock()
+        self.health = health or Conditions()  # a broker that is away shows in /health, logged once
         self.client, self.broker = mqtt_client(url, f"cryptopi-{self.device}", ca_file=ca_file)
         self.client.will_set(self.status_topic, "offline", qos=1, retain=True)
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
         self.client.max_queued_messages_set(1000)  # bounded while the broker is away
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_connect_fail = self._on_connect_fail
         self.client.on_message = self._on_message
 
     def topic(self, product: str, model: str) -> str:
@@ -113,17 +118,18 @@ class MqttPublisher:
             payload = json.dumps(prediction_payload(row, self.accuracy.get((row.product, row.model))))
             with self._lock:
                 self._latest[topic] = payload
-            self.client.publish(topic, payload, qos=1, retain=True)
-            MQTT_PUBLISHED.labels("prediction").inc()
+            self._send(topic, payload, "prediction")
 
     def announce(self) -> None:
         for product, models in self.models.items():
             for model in models:
                 topic = f"{self.prefix}/sensor/cryptopi_{self.device}/{slug(product)}_{slug(model)}/config"
-                self.client.publish(
-                    topic, json.dumps(self.discovery_config(product, model)), qos=1, retain=True
-                )
-                MQTT_PUBLISHED.labels("discovery").inc()
+                self._send(topic, json.dumps(self.discovery_config(product, model)), "discovery")
+
+    def _send(self, topic: str, payload: str, kind: str) -> None:
+        """Publish retained at QoS 1; counted only when a connected client took it (paho queues the rest)."""
+        if self.client.publish(topic, payload, qos=1, retain=True).rc == mqtt.MQTT_ERR_SUCCESS:
+            MQTT_PUBLISHED.labels(kind).inc()
 
     def discovery_config(self, product: str, model: str) -> dict[str, Any]:
         state = self.topic(product, model)
@@ -156,9 +162,11 @@ class MqttPublisher:
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
     ) -> None:
         if reason.is_failure:
-            log.error("mqtt connect refused", extra={"reason": str(reason)})
+            self.health.problem("mqtt", "MQTT broker refused the connection", broker=str(self.broker),
+                                reason=str(reason))  # fmt: skip
             return
         MQTT_CONNECTED.set(1)
+        self.health.ok("mqtt")
         client.subscribe(HA_STATUS, qos=1)
         client.publish(self.status_topic, "online", qos=1, retain=True)
         self.announce()
@@ -172,7 +180,14 @@ class MqttPublisher:
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
     ) -> None:
         MQTT_CONNECTED.set(0)
-        log.warning("mqtt disconnected; paho reconnects by itself", extra={"reason": str(reason)})
+        if reason.is_failure:  # not our own stop(): paho reconnects by itself
+            self.health.problem("mqtt", "MQTT broker unreachable", broker=str(self.broker), error=str(reason))
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        """A connection attempt failed; paho calls this inside its ``except OSError``: that is the error."""
+        error = sys.exc_info()[1]
+        self.health.problem("mqtt", "MQTT broker unreachable", broker=str(self.broker),
+                            error=str(error) or type(error).__name__)  # fmt: skip
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if message.topic == HA_STATUS and message.payload == b"online":
