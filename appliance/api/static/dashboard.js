@@ -87,9 +87,11 @@ function onEvent(event) {
   } else if (event.type === "prediction") {
     const p = event.prediction, c = card(p.product), h = horizon(c, p.granularity);
     keepPrediction(h, p);
+    c.lastData = Date.now();  // a prediction is made when a candle has just closed
     render(c, h);
     candleClosed(c, h);
   }
+  tick();  // freshness at once, not at the clock's next tick
 }
 
 // A prediction means a candle just closed: read the closed candles and the accuracy again (once for
