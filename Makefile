@@ -13,6 +13,16 @@ DEV := $(UV) run --locked --extra dev --extra training
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 DATASETS := appliance/datasets
 DEMO_PORT := 8765
+# What `make demo` runs the appliance with: a store of its own, fed by the replay server on DEMO_PORT.
+DEMO_ENV = CRYPTOPI_DATA_DIR=$${CRYPTOPI_DATA_DIR:-data/demo} \
+	CRYPTOPI_COINBASE_WS_URL=ws://127.0.0.1:$(DEMO_PORT) CRYPTOPI_COINBASE_REST_URL=http://127.0.0.1:$(DEMO_PORT)
+
+# $(call apt-need,PACKAGES): install, in one apt-get, the Debian packages that are not installed yet.
+apt-need = missing=$$(for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		command -v apt-get >/dev/null || { echo "needs $$missing (installed with apt-get on Debian)"; exit 1; }; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $$missing; \
+	fi
 
 .PHONY: help setup run demo test test-deps lint fmt bench mutation models clean install smoke-arm64
 
@@ -30,16 +40,19 @@ setup: $(UV)  ## create .venv from the lock: runtime, dev tools and the training
 run: $(UV)  ## run the appliance against the live Coinbase feed: API on :8000 (CRYPTOPI_* settings)
 	$(APP) python -m appliance up
 
+# Settings and ports are checked before anything starts (a bad setting exits 2, a port in use 1, and a
+# running demo is left alone); Ctrl-C stops the appliance and then the replay, quietly.
 demo: $(UV)  ## offline: replay bundled real Coinbase candles into the appliance (API on :8000)
+	@$(DEMO_ENV) $(APP) python -m appliance check-config --free-port $(DEMO_PORT)
 	@echo "replaying bundled BTC-USD/ETH-USD candles on 127.0.0.1:$(DEMO_PORT); Ctrl-C stops both"
 	@$(APP) python -m appliance replay --port $(DEMO_PORT) --speed 600 \
 		--candles BTC-USD=$(DATASETS)/coinbase_BTC-USD_1h.csv --candles ETH-USD=$(DATASETS)/coinbase_ETH-USD_1h.csv \
 		--from 2026-03-01 --start-at 2026-04-20 & replay=$$!; \
-	trap 'kill $$replay 2>/dev/null' EXIT; \
-	until (exec 3<>/dev/tcp/127.0.0.1/$(DEMO_PORT)) 2>/dev/null; do sleep 0.2; done; \
-	CRYPTOPI_DATA_DIR=$${CRYPTOPI_DATA_DIR:-data/demo} \
-	CRYPTOPI_COINBASE_WS_URL=ws://127.0.0.1:$(DEMO_PORT) CRYPTOPI_COINBASE_REST_URL=http://127.0.0.1:$(DEMO_PORT) \
-		$(APP) python -m appliance up
+	trap 'kill $$replay 2>/dev/null; wait $$replay' EXIT; trap 'exit 0' INT TERM; \
+	until (exec 3<>/dev/tcp/127.0.0.1/$(DEMO_PORT)) 2>/dev/null; do \
+		kill -0 $$replay 2>/dev/null || exit 1; sleep 0.2; \
+	done; \
+	$(DEMO_ENV) $(APP) python -m appliance up
 
 lint: setup  ## ruff (lint + format check) and mypy --strict
 	$(DEV) ruff check .
@@ -55,21 +68,20 @@ fmt: setup  ## apply ruff's fixes and formatting
 TEST_PACKAGES := mosquitto chromium docker.io docker-registry debootstrap shellcheck systemd python3-venv
 
 test-deps:  ## install the system packages the tests need (Debian)
-	@missing=$$(for p in $(TEST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
-	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $$missing; fi
+	@$(call apt-need,$(TEST_PACKAGES))
 
 test: lint test-deps  ## the whole test suite (what CI runs)
 	$(DEV) pytest
 
 bench: setup  ## measure throughput and memory; JSON in bench-results/, summary on stdout
+	@$(call apt-need,wrk mosquitto)
 	$(DEV) python -m tests.bench
 
 mutation: setup  ## mutation score of the pure-logic modules' fast tests; survivors listed, JSON in mutation-results/
 	$(DEV) python -m tests.mutation $(MUTATION_ARGS)
 
 smoke-arm64: setup  ## build the image for arm64 under QEMU; it must predict as the amd64 one does (root)
-	@dpkg -s qemu-user-static debootstrap docker.io >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
-		$(SUDO) apt-get install -y -qq qemu-user-static debootstrap docker.io; }
+	@$(call apt-need,qemu-user-static debootstrap docker.io)
 	$(DEV) python -m tests.smoke_arm64
 
 install:  ## on the Pi, from /opt/cryptopi: host venv, /etc/cryptopi, systemd units (INSTALL_ARGS=--with-cloudflared)

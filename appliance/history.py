@@ -154,16 +154,16 @@ class HistoryKeeper:
         have = [r.start for r in self.store.series_rows(product, HOUR, last=self.hours + 1)]
         span = missing_span(have, hour * HOUR, self.hours, HOUR)
         if span is None:
+            self.health.ok("history", subject=product)
             return
         try:
             result = await backfill(
                 self.store, self.rest, product, HOUR, *span, now=hour * HOUR, progress=False
             )
         except (CoinbaseRestError, ValueError) as exc:
-            log.error(
-                "history back-fill failed; will retry next hour",
-                extra={"product": product, "error": str(exc)},
-            )
+            self.health.problem("history", "back-fill failing", subject=product, error=str(exc),
+                                missing_from=span[0], retry="when the next hour closes")  # fmt: skip
             return
+        self.health.ok("history", subject=product)
         log.info("history back-filled", extra={"product": product, "candles": result.rows})
         self.on_filled()

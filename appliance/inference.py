@@ -18,6 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from appliance.features import CandleSeries, feature_row, realized_volatility
+from appliance.health import Conditions
 from appliance.metrics import MODEL_INFO, MODEL_REFUSED
 from appliance.predictions import PredictionRow
 from appliance.registry import Manifest, RegistryError, latest_versions, load_version
@@ -67,9 +68,10 @@ def load_models(folder: Path) -> ProductModels:
 
 
 class Inference:
-    def __init__(self, registry: Path, products: tuple[str, ...]) -> None:
+    def __init__(self, registry: Path, products: tuple[str, ...], health: Conditions | None = None) -> None:
         self.registry = registry
         self.products = products
+        self.health = health or Conditions()  # refused versions and an unreadable registry show in /health
         self.serving: dict[str, ProductModels] = {}
         self._seen: dict[str, str] = {}
 
@@ -78,8 +80,10 @@ class Inference:
         try:
             wanted = latest_versions(self.registry)
         except (OSError, RegistryError, ValueError) as exc:
-            log.error("model registry unreadable; serving what is loaded", extra={"error": str(exc)})
+            self.health.problem("models", "model registry unreadable; serving what is loaded",
+                                registry=str(self.registry), error=str(exc))  # fmt: skip
             return False
+        self.health.ok("models")
         changed = False
         for product in self.products:
             version = wanted.get(product)
@@ -94,12 +98,14 @@ class Inference:
             except RegistryError as exc:
                 MODEL_REFUSED.labels(product).inc()
                 old = self.serving.get(product)
-                log.error("model version refused", extra={
-                    "product": product, "version": version, "error": str(exc),
-                    "still_serving": old.manifest.version if old else None})  # fmt: skip
+                self.health.problem(
+                    "models", "model version refused", subject=product, version=version, error=str(exc),
+                    still_serving=old.manifest.version if old else None,
+                )  # fmt: skip
                 continue
             old = self.serving.get(product)
             self.serving[product] = loaded  # the swap: one assignment
+            self.health.ok("models", subject=product)
             for name in loaded.models:
                 if old:
                     MODEL_INFO.remove(product, name, old.manifest.version)

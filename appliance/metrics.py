@@ -44,7 +44,7 @@ COVERAGE_80 = Gauge("cryptopi_realized_coverage_80", "Share of realized closes i
 MQTT_CONNECTED = Gauge("cryptopi_mqtt_connected", "1 while connected to the MQTT broker")
 MQTT_PUBLISHED = Counter(
     "cryptopi_mqtt_published_total",
-    "MQTT messages published, by kind (prediction, live_price, feed, discovery)",
+    "MQTT messages handed to a connected broker, by kind (prediction, live_price, feed, discovery)",
     ["kind"],
 )
 HTTP_LATENCY = Histogram(

@@ -24,6 +24,7 @@ import contextlib
 import json
 import logging
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -33,6 +34,7 @@ from typing import Any, Literal
 import paho.mqtt.client as mqtt
 
 from appliance import __version__
+from appliance.health import Conditions
 from appliance.helpers.mqtt import HA_STATUS, came_online, ha_device, ha_entity_id, mqtt_client
 from appliance.metrics import MQTT_CONNECTED, MQTT_PUBLISHED
 from appliance.predictions import PredictionRow
@@ -110,6 +112,7 @@ class MqttPublisher:
         models_of: Callable[[str], list[str]] = lambda product: [],
         accuracy: Mapping[tuple[str, str], dict[str, float | None]] | None = None,
         live_prices: Callable[[], Mapping[str, float]] = dict,
+        health: Conditions | None = None,
     ) -> None:
         self.device = slug(device_id)
         self.device_name = device_id  # Home Assistant's name of the device
@@ -128,12 +131,14 @@ class MqttPublisher:
         self._last_price_sent = -float("inf")
         self._price_timer: threading.Timer | None = None
         self._lock = threading.Lock()
+        self.health = health or Conditions()  # a broker that is away shows in /health, logged once
         self.client, self.broker = mqtt_client(url, f"cryptopi-{self.device}", ca_file=ca_file)
         self.client.will_set(self.status_topic, "offline", qos=1, retain=True)
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
         self.client.max_queued_messages_set(1000)  # bounded while the broker is away
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_connect_fail = self._on_connect_fail
         self.client.on_message = self._on_message
 
     def topic(self, product: str, granularity: int, model: str) -> str:
@@ -223,17 +228,17 @@ class MqttPublisher:
             self._latest[topic] = payload
         self._publish(topic, payload, kind)
 
-    def _publish(self, topic: str, payload: str, kind: str) -> None:
-        self.client.publish(topic, payload, qos=1, retain=True)
-        MQTT_PUBLISHED.labels(kind).inc()
+    def _publish(self, topic: str, payload: str | bytes, kind: str) -> None:
+        """Publish retained at QoS 1; counted only when a connected client took it (paho queues the rest)."""
+        if self.client.publish(topic, payload, qos=1, retain=True).rc == mqtt.MQTT_ERR_SUCCESS:
+            MQTT_PUBLISHED.labels(kind).inc()
 
     # Home Assistant discovery ---------------------------------------------------------------------
 
     def announce(self) -> None:
         for d in self.discovery():
             topic = f"{self.prefix}/{d.component}/cryptopi_{self.device}/{d.key}/config"
-            self.client.publish(topic, json.dumps(d.config), qos=1, retain=True)
-            MQTT_PUBLISHED.labels("discovery").inc()
+            self._publish(topic, json.dumps(d.config), "discovery")
         # Before horizons, each model's config sat at <product>_<model>: an empty retained payload
         # removes that entity from Home Assistant (and the broker), so an upgrade leaves no duplicate.
         for product, model in {(p, m) for (p, _), models in self.models.items() for m in models}:
@@ -304,9 +309,13 @@ class MqttPublisher:
     def _on_connect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
     ) -> None:
-        if not came_online(client, reason, self.status_topic):
+        if reason.is_failure:
+            self.health.problem("mqtt", "MQTT broker refused the connection", broker=str(self.broker),
+                                reason=str(reason))  # fmt: skip
             return
+        came_online(client, reason, self.status_topic)
         MQTT_CONNECTED.set(1)
+        self.health.ok("mqtt")
         self.announce()
         with self._lock:
             latest = list(self._latest.items())
@@ -318,7 +327,14 @@ class MqttPublisher:
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
     ) -> None:
         MQTT_CONNECTED.set(0)
-        log.warning("mqtt disconnected; paho reconnects by itself", extra={"reason": str(reason)})
+        if reason.is_failure:  # not our own stop(): paho reconnects by itself
+            self.health.problem("mqtt", "MQTT broker unreachable", broker=str(self.broker), error=str(reason))
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        """A connection attempt failed; paho calls this inside its ``except OSError``: that is the error."""
+        error = sys.exc_info()[1]
+        self.health.problem("mqtt", "MQTT broker unreachable", broker=str(self.broker),
+                            error=str(error) or type(error).__name__)  # fmt: skip
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if message.topic == HA_STATUS and message.payload == b"online":

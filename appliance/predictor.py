@@ -11,6 +11,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 
 from appliance.features import WINDOW, CandleSeries, MissingHistory
 from appliance.inference import Inference
@@ -38,6 +39,7 @@ class Predictor:
 
     def step(self) -> list[PredictionRow]:
         """Predict every product whose newest closed candle has no prediction yet."""
+        started = time.perf_counter()
         made: list[PredictionRow] = []
         g = self.granularity
         for product in self.inference.products:
@@ -63,6 +65,7 @@ class Predictor:
             self.missing[product] = None
             made += predictions
         if made:
+            log.info("predictions made", extra=round_fields(made, time.perf_counter() - started))
             for listener in self.listeners:
                 listener(made)
         return made
@@ -93,6 +96,19 @@ class Predictor:
             self.step()
 
 
-def scores(store: Store, product: str, models: Sequence[str], window: int) -> list[Accuracy]:
-    """Each model's accuracy over its newest ``window`` predictions."""
-    return [accuracy(m, store.predictions(product, model=m, limit=window)) for m in models]
+def round_fields(rows: Sequence[PredictionRow], seconds: float) -> dict[str, object]:
+    """The log fields of one prediction round: when, how long, and every model's predicted close."""
+    as_of = max(r.as_of for r in rows)
+    return {
+        "as_of": datetime.fromtimestamp(as_of, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "granularity": rows[0].granularity, "ms": round(seconds * 1000, 1),
+        **{f"{r.product}.{r.model}": round(r.predicted_close, 2) for r in rows},
+    }  # fmt: skip
+
+
+def scores(
+    store: Store, product: str, models: Sequence[str], window: int, granularity: int | None = None
+) -> list[Accuracy]:
+    """Each model's accuracy over its newest ``window`` predictions (of one horizon, if given)."""
+    return [accuracy(m, store.predictions(product, model=m, limit=window, granularity=granularity))
+            for m in models]  # fmt: skip

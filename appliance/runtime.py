@@ -21,6 +21,7 @@ from appliance.candles import HOUR
 from appliance.coinbase.rest import CoinbaseRest
 from appliance.features import WINDOW
 from appliance.health import Conditions
+from appliance.helpers.net import listen
 from appliance.history import HistoryKeeper
 from appliance.inference import Inference
 from appliance.ingest import Ingester
@@ -33,10 +34,12 @@ log = logging.getLogger(__name__)
 
 
 async def up(settings: Settings) -> None:
+    # The HTTP port first: a second appliance on the same port stops here, before it opens the store.
+    http_socket = listen(settings.http_host, settings.http_port)
     health = Conditions()  # every part reports its trouble here; /health shows it
     store = Store(settings.db_path)
     reader = Store(settings.db_path, readonly=True)
-    inference = Inference(settings.models_dir, settings.products)
+    inference = Inference(settings.models_dir, settings.products, health)
     inference.reload()
     predictor = Predictor(store, inference)
     async with CoinbaseRest.from_settings(settings) as rest:
@@ -56,7 +59,7 @@ async def up(settings: Settings) -> None:
                 settings.mqtt_url, settings.mqtt_device_id, settings.products,
                 discovery_prefix=settings.mqtt_discovery_prefix, ca_file=settings.mqtt_ca_file,
                 configuration_url=settings.dashboard_url, models_of=inference.models_of,
-                accuracy=predictor.accuracy, live_prices=ingester.last_prices,
+                accuracy=predictor.accuracy, live_prices=ingester.last_prices, health=health,
             )  # fmt: skip
             predictor.listeners.append(publisher.on_predictions)
             ingester.listeners.append(publisher.on_commit)
@@ -77,7 +80,7 @@ async def up(settings: Settings) -> None:
         ))  # fmt: skip
         # uvicorn takes SIGINT/SIGTERM while serving, shuts down, then re-raises them: the server
         # finishing is what stops every other part.
-        parts = (server.serve(), ingester.run(), predictor.run(), history.run())
+        parts = (server.serve([http_socket]), ingester.run(), predictor.run(), history.run())
         tasks = [asyncio.create_task(part) for part in parts]
         log.info("appliance up", extra={"http": f"{settings.http_host}:{settings.http_port}",
                                         "products": ",".join(settings.products)})  # fmt: skip

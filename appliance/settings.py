@@ -19,35 +19,45 @@ MODELS_DIR = Path(__file__).parent / "models"
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CRYPTOPI_", extra="ignore", frozen=True)
 
-    data_dir: Path = Field(Path("data"), description="Folder of the SQLite database")
+    data_dir: Path = Field(Path("data"), description="Folder of the SQLite database (cryptopi.sqlite3)")
     products: Annotated[tuple[str, ...], NoDecode] = Field(
-        ("BTC-USD", "ETH-USD"), description="Comma-separated Coinbase product ids"
+        ("BTC-USD", "ETH-USD"), description="Coinbase product ids to ingest and predict, comma-separated"
     )
-    coinbase_ws_url: str = "wss://ws-feed.exchange.coinbase.com"
-    coinbase_rest_url: str = "https://api.exchange.coinbase.com"
+    coinbase_ws_url: str = Field(
+        "wss://ws-feed.exchange.coinbase.com", description="Exchange WebSocket feed (or a replay server)"
+    )
+    coinbase_rest_url: str = Field(
+        "https://api.exchange.coinbase.com", description="Exchange REST API (or a replay server)"
+    )
     minute_retention_days: float = Field(30.0, gt=0, description="Minute candles kept, in days of data")
     feed_watchdog_s: float = Field(10.0, gt=0, description="Reconnect when the feed is silent this long")
-    reconnect_max_s: float = Field(30.0, gt=0, description="Cap of the reconnect back-off")
-    rest_rate_per_s: float = Field(10.0, gt=0, le=10, description="Coinbase's public limit is 10/s")
-    rest_timeout_s: float = Field(10.0, gt=0)
+    reconnect_max_s: float = Field(30.0, gt=0, description="Cap of the reconnect back-off, in seconds")
+    rest_rate_per_s: float = Field(10.0, gt=0, le=10, description="REST requests/s (Coinbase allows 10)")
+    rest_timeout_s: float = Field(10.0, gt=0, description="Timeout of each REST request, in seconds")
     commit_interval_s: float = Field(1.0, gt=0, description="Longest time trades wait uncommitted")
     http_host: str = Field("0.0.0.0", description="Address the API and dashboard listen on")
-    http_port: int = Field(8000, ge=1, le=65535)
+    http_port: int = Field(8000, ge=1, le=65535, description="Port the API and dashboard listen on")
     public_url: str | None = Field(
         None, description="Where users reach the dashboard (Home Assistant links to it); "
         "default http://<host>:<port>/ from the HTTP settings"
     )  # fmt: skip
     build: str = Field("dev", max_length=100, description="Version and commit (set by the image)")
-    models_dir: Path = Field(MODELS_DIR, description="Model registry (default: the models shipped inside)")
+    models_dir: Path = Field(
+        MODELS_DIR, description="Model registry to serve from (the default is the one shipped inside)"
+    )
     history_days: int = Field(3, ge=2, le=300, description="Hourly history back-filled on first start")
     mqtt_url: str | None = Field(
         None, description="mqtt://[user:pass@]host[:port] or mqtts://…; off if unset"
     )
-    mqtt_device_id: str = Field("cryptopi", pattern=r"^[A-Za-z0-9_-]{1,40}$")
-    mqtt_discovery_prefix: str = Field("homeassistant", pattern=r"^[A-Za-z0-9_/-]{1,60}$")
-    mqtt_ca_file: str | None = Field(None, description="CA bundle for mqtts:// (default: the system's)")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    log_format: Literal["logfmt", "json"] = "logfmt"
+    mqtt_device_id: str = Field(
+        "cryptopi", pattern=r"^[A-Za-z0-9_-]{1,40}$", description="Device name in MQTT topics and ids"
+    )
+    mqtt_discovery_prefix: str = Field(
+        "homeassistant", pattern=r"^[A-Za-z0-9_/-]{1,60}$", description="Home Assistant's discovery prefix"
+    )
+    mqtt_ca_file: str | None = Field(None, description="CA bundle for mqtts:// (unset: the system's)")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="DEBUG, INFO, ...")
+    log_format: Literal["logfmt", "json"] = Field("logfmt", description="logfmt or json, on stderr")
 
     @field_validator("products", mode="before")
     @classmethod

@@ -323,18 +323,27 @@ class Store:
         since: int | None = None,
         at: int | None = None,
         limit: int | None = None,
+        granularity: int | None = None,
     ) -> list[PredictionRow]:
-        """Predictions newest first: of one model or all, with ``since <= as_of <= at``."""
+        """Predictions newest first, of one model and horizon or all, with ``since <= as_of <= at``."""
         sql = "SELECT * FROM predictions WHERE product = ? AND as_of >= ? AND as_of <= ?"
         args: list[object] = [product, since if since is not None else 0, at if at is not None else 2**62]
         if model is not None:
             sql += " AND model = ?"
             args.append(model)
+        if granularity is not None:
+            sql += " AND granularity = ?"
+            args.append(granularity)
         sql += " ORDER BY as_of DESC, model"
         if limit is not None:
             sql += " LIMIT ?"
             args.append(limit)
         return [PredictionRow(*row) for row in self._db.execute(sql, args)]
+
+    def prediction_granularities(self, product: str) -> list[int]:
+        """The candle lengths (horizons) a product has predictions at, shortest first."""
+        sql = "SELECT DISTINCT granularity FROM predictions WHERE product = ? ORDER BY granularity"
+        return [g for (g,) in self._db.execute(sql, (product,))]
 
     def latest_predictions(self, product: str) -> list[PredictionRow]:
         """The newest prediction of every model of a product."""

@@ -293,11 +293,22 @@ class MqttWatcher:
         self.client.loop_stop()
 
 
+def all_predicting(health: dict[str, Any]) -> bool:
+    return all(p["prediction"] == "ok" for p in health["products"].values())
+
+
 @contextlib.contextmanager
 def appliance_up(
-    data: Path, broker: Broker, replay_port: int, port: int | None = None
+    data: Path,
+    broker: Broker | None,
+    replay_port: int,
+    port: int | None = None,
+    ready: Callable[[dict[str, Any]], bool] = all_predicting,
+    **settings: str,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """``python -m appliance up`` on a replay server and Mosquitto, until every product has a prediction.
+    """``python -m appliance up`` on a replay server (and Mosquitto), until ``ready(/health)``: by
+    default, until every product has a prediction. ``settings`` are more CRYPTOPI_* variables (by field
+    name).
 
     Its API listens on ``port`` (a free one by default). The log goes on in ``data/up.log`` across
     restarts; whatever is still running is killed at the end.
@@ -305,9 +316,11 @@ def appliance_up(
     port = port or free_port()
     env = os.environ | {
         "CRYPTOPI_DATA_DIR": str(data), "CRYPTOPI_HTTP_HOST": "127.0.0.1",
-        "CRYPTOPI_HTTP_PORT": str(port), "CRYPTOPI_MQTT_URL": broker.url,
+        "CRYPTOPI_HTTP_PORT": str(port),
         "CRYPTOPI_COINBASE_WS_URL": f"ws://127.0.0.1:{replay_port}",
         "CRYPTOPI_COINBASE_REST_URL": f"http://127.0.0.1:{replay_port}",
+    } | ({"CRYPTOPI_MQTT_URL": broker.url} if broker else {}) | {
+        f"CRYPTOPI_{name.upper()}": value for name, value in settings.items()
     }  # fmt: skip
     log = (data / "up.log").open("ab")
     proc = subprocess.Popen([sys.executable, "-m", "appliance", "up"], env=env, cwd=REPO, stdout=log,
@@ -319,8 +332,7 @@ def appliance_up(
             assert proc.poll() is None, (data / "up.log").read_text()[-3000:]
             assert time.monotonic() < deadline, (data / "up.log").read_text()[-3000:]
             try:
-                health = httpx.get(f"{url}/health", timeout=2).json()
-                if all(p["prediction"] == "ok" for p in health["products"].values()):
+                if ready(httpx.get(f"{url}/health", timeout=2).json()):
                     break
             except httpx.TransportError:
                 pass
@@ -335,8 +347,15 @@ def appliance_up(
 
 @contextlib.contextmanager
 def running_up(
-    data: Path, broker: Broker, market: Sequence[str] = LIVE_MARKET_ARGS
+    data: Path,
+    broker: Broker | None,
+    market: Sequence[str] = LIVE_MARKET_ARGS,
+    ready: Callable[[dict[str, Any]], bool] = all_predicting,
+    **settings: str,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """Replay server + Mosquitto + ``python -m appliance up``, until every product has a prediction."""
-    with replay_process(market) as replay_port, appliance_up(data, broker, replay_port) as up:
+    """Replay server (+ Mosquitto) + ``python -m appliance up``, until ``ready(/health)``."""
+    with (
+        replay_process(market) as replay_port,
+        appliance_up(data, broker, replay_port, None, ready, **settings) as up,
+    ):
         yield up

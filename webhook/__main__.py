@@ -16,11 +16,17 @@ from pathlib import Path
 
 import httpx
 
+from appliance.helpers.cli import HelpFormatter, settings_help
+from webhook.settings import WebhookSettings
+
 TOKEN_VARIABLE = "CRYPTOPI_WEBHOOK_TOKEN"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m webhook", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m webhook", description=__doc__, formatter_class=HelpFormatter,
+        epilog=settings_help(WebhookSettings),
+    )  # fmt: skip
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("serve", help="serve the hook and run deploys (the default; CRYPTOPI_WEBHOOK_* settings)")
     p = sub.add_parser("init", help="generate a token (32 random bytes) and print the URL for Docker Hub")

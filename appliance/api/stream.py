@@ -1,14 +1,16 @@
 """The live stream's events and their fan-out to WebSocket clients, built here and only here.
 
 Each client has a small queue; a client too slow to keep up loses its oldest events, never slows
-the appliance down. Events are plain JSON-able dicts: ``{"type": "snapshot" | "candle" | "prediction"}``.
+the appliance down. Events are plain JSON-able dicts: ``{"type": "snapshot" | "candle" | "prediction"}``,
+each carrying the ``granularity`` of its candles, so a client draws one chart per product and horizon.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from appliance.api.schemas import CandleOut, PredictionResult
@@ -44,25 +46,36 @@ class Hub:
         return len(self._clients)
 
 
-def candle_event(product: str, row: CandleRow) -> Event:
-    return {"type": "candle", "product": product, "candle": CandleOut.of(row).model_dump(mode="json")}
+def candle_event(product: str, granularity: int, row: CandleRow) -> Event:
+    return {"type": "candle", "product": product, "granularity": granularity,
+            "candle": CandleOut.of(row).model_dump(mode="json")}  # fmt: skip
 
 
 def prediction_event(row: PredictionRow) -> Event:
     return {"type": "prediction", "prediction": PredictionResult.of(row, 0.8, None).model_dump(mode="json")}
 
 
-def snapshot_event(
-    predictions: Sequence[tuple[PredictionRow, float | None]], candles: Mapping[str, Sequence[CandleRow]]
-) -> Event:
-    """What a new client starts from: each latest prediction (with its data age) and recent candles."""
+@dataclass(frozen=True, slots=True)
+class Series:
+    """One product at one horizon: its recent closed candles and the predictions made over them."""
+
+    product: str
+    granularity: int
+    candles: Sequence[CandleRow]  # oldest first
+    predictions: Sequence[PredictionRow]  # every model's, oldest first; the newest may be still open
+    data_age_s: float | None
+
+
+def snapshot_event(series: Sequence[Series]) -> Event:
+    """What a new client starts from: per product and horizon, the recent past and what was predicted."""
     return {
         "type": "snapshot",
-        "predictions": [PredictionResult.of(r, 0.8, age).model_dump(mode="json") for r, age in predictions],
-        "candles": {
-            p: [CandleOut.of(r).model_dump(mode="json") for r in rows] for p, rows in candles.items()
-        },
-    }
+        "series": [{
+            "product": s.product, "granularity": s.granularity, "data_age_s": s.data_age_s,
+            "candles": [CandleOut.of(r).model_dump(mode="json") for r in s.candles],
+            "predictions": [PredictionResult.of(r, 0.8, None).model_dump(mode="json") for r in s.predictions],
+        } for s in series],
+    }  # fmt: skip
 
 
 class LiveEvents:
@@ -80,7 +93,7 @@ class LiveEvents:
         for product in self.products:
             row = self.store.newest_trade_candle(product, HOUR)
             if row is not None:
-                self.hub.publish(candle_event(product, row))
+                self.hub.publish(candle_event(product, HOUR, row))
 
     def on_predictions(self, rows: list[PredictionRow]) -> None:
         for r in rows:

@@ -50,11 +50,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="move the tape (by whole hours) so that the market clock starts at the present",
     )
-    p.add_argument("--trades-per-candle", type=_range, default=(4, 10), metavar="MIN,MAX")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--trades-per-candle", type=_range, default=(4, 10), metavar="MIN,MAX",
+                   help="trades generated per candle of a --candles tape")  # fmt: skip
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8765, help="port of the feed and REST")
     p.add_argument("--speed", type=float, default=0.0, help="tape seconds per second; 0 = as fast as read")
-    p.add_argument("--heartbeat-s", type=float, default=1.0)
+    p.add_argument("--heartbeat-s", type=float, default=1.0, help="seconds between per-product heartbeats")
     p.add_argument("--rest-rate-limit", type=float, default=10.0, help="requests/s before HTTP 429; 0 = off")
     p.add_argument("--drop-every", type=int, default=0, help="drop a connection every N messages")
     p.add_argument("--silence-every", type=int, default=0, help="go silent every N messages ...")

@@ -12,6 +12,7 @@ from appliance.api.state import State
 from appliance.predictor import scores
 
 router = APIRouter(tags=["accuracy"])
+HORIZON = "Only the predictions of this horizon, in seconds (default: every horizon)"
 
 
 @router.get("/api/accuracy/{product}", response_model=list[AccuracyOut], responses=ERRORS)
@@ -20,9 +21,10 @@ async def accuracy(
     state: State,
     model: Annotated[str | None, Query(pattern=r"^[a-z0-9_]{1,32}$")] = None,
     window: Annotated[int, Query(ge=1, le=10_000, description="Newest predictions scored")] = 168,
+    granularity: Annotated[int | None, Query(ge=60, le=86_400, description=HORIZON)] = None,
 ) -> list[AccuracyOut]:
     state.known(product)
     if model is not None:
         state.known_model(product, model)
     models = [model] if model is not None else state.inference.models_of(product)
-    return [AccuracyOut(**vars(a)) for a in scores(state.reader, product, models, window)]
+    return [AccuracyOut(**vars(a)) for a in scores(state.reader, product, models, window, granularity)]

@@ -7,23 +7,28 @@ import asyncio
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from appliance.api.state import AppState
-from appliance.api.stream import Event, snapshot_event
-from appliance.candles import HOUR
+from appliance.api.stream import Event, Series, snapshot_event
 
 router = APIRouter(tags=["stream"])
+CHART_CANDLES = 48
 
 
 def snapshot(state: AppState) -> Event:
-    products = state.settings.products
-    return snapshot_event(
-        [(r, state.data_age_s(p)) for p in products for r in state.reader.latest_predictions(p)],
-        {p: state.reader.series_rows(p, HOUR, last=48) for p in products},
-    )
+    """Every product at every horizon it has predictions at (or the predictor's, before the first)."""
+    series = []
+    for p in state.settings.products:
+        age = state.data_age_s(p)
+        for g in state.reader.prediction_granularities(p) or [state.predictor.granularity]:
+            candles = state.reader.series_rows(p, g, last=CHART_CANDLES)
+            made = state.reader.predictions(p, granularity=g, since=candles[0].start) if candles else []
+            series.append(Series(p, g, candles, made[::-1], age))
+    return snapshot_event(series)
 
 
 @router.websocket("/api/stream")
 async def stream(ws: WebSocket) -> None:
-    """A snapshot (latest predictions, recent candles), then every new candle and prediction."""
+    """A snapshot (per product and horizon: recent candles and the predictions made over them), then
+    every new candle and prediction."""
     state: AppState = ws.app.state.appliance
     await ws.accept()
     queue = state.hub.subscribe()
