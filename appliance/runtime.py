@@ -25,6 +25,7 @@ from appliance.inference import Inference
 from appliance.ingest import Ingester
 from appliance.mqtt import MqttPublisher
 from appliance.predictor import Predictor
+from appliance.products import resolve_settings
 from appliance.settings import Settings
 from appliance.store import Store
 
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 
 async def up(settings: Settings) -> None:
     health = Conditions()  # every part reports its trouble here; /health shows it
+    async with CoinbaseRest.from_settings(settings, health) as rest:  # what a *-USD pattern stands for
+        settings = await resolve_settings(settings, rest)
     store = Store(settings.db_path)
     reader = Store(settings.db_path, readonly=True)
     inference = Inference(settings.models_dir, settings.products)
@@ -52,7 +55,7 @@ async def up(settings: Settings) -> None:
                 store.latest_predictions(product)
             )  # what is known, before the next close
         publisher.start()
-    async with CoinbaseRest.from_settings(settings) as rest:
+    async with CoinbaseRest.from_settings(settings, health) as rest:
         ingester = Ingester(settings, store, rest, health=health)
         history = HistoryKeeper(store, rest, settings.products, max(WINDOW, settings.history_days * 24),
                                 on_filled=predictor.wake.set, health=health)  # fmt: skip
