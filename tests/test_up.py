@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -33,10 +33,12 @@ from tests.conftest import (
 
 
 @contextlib.contextmanager
-def running_up(data: Path, broker: Broker) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def running_up(
+    data: Path, broker: Broker, replay_args: Sequence[str] = LIVE_MARKET_ARGS
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """Replay server + Mosquitto + ``python -m appliance up``, until every product has a prediction."""
     port = free_port()
-    with replay_process(LIVE_MARKET_ARGS) as replay_port:
+    with replay_process(replay_args) as replay_port:
         env = os.environ | {
             "CRYPTOPI_DATA_DIR": str(data), "CRYPTOPI_HTTP_HOST": "127.0.0.1",
             "CRYPTOPI_HTTP_PORT": str(port), "CRYPTOPI_MQTT_URL": broker.url,

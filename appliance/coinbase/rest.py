@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 MAX_CANDLES_PER_REQUEST = 300
 MAX_TRADES_PER_REQUEST = 1000
+#: Failed attempts in a row before REST counts as failing (one retry is weather, not an outage).
+FAILING_AFTER = 3
 _TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
 
 
@@ -179,7 +181,7 @@ class CoinbaseRest:
                     retry_after = _retry_after(resp)
             REST_REQUESTS.labels(endpoint, outcome).inc()
             delay = max(backoff_delay(attempt, self._max_backoff_s), retry_after or 0.0)
-            if outcome != "rate_limited":  # 429s are the limit doing its job; the rest is trouble
+            if outcome != "rate_limited" and attempt >= FAILING_AFTER:  # 429s are the limit at work
                 self.health.problem("coinbase-rest", f"Coinbase REST failing ({self.host})",
                                     last_error=detail, path=path, attempt=attempt,
                                     next_retry_s=round(delay, 2))  # fmt: skip

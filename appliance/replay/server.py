@@ -205,6 +205,7 @@ class ReplayServer:
         self.rest_by_path: Counter[str] = Counter()  # "ETH-USD/trades", "products", ...
         self.injected: Counter[str] = Counter()  # faults actually injected, by kind
         self.deflated = 0  # connections that negotiated permessage-deflate
+        self.requests: Counter[str] = Counter()  # the clients' subscribe / unsubscribe messages
         self._rest_rng = random.Random(f"{faults.seed}:rest")
         self._sent = 0
 
@@ -378,6 +379,7 @@ class ReplayServer:
                 if await self._refuse(sub, str(exc)):
                     return
             else:
+                self.requests[kind] += 1
                 unknown = [p for p in products if p not in self.products]
                 if unknown:  # Coinbase ignores the whole subscribe
                     named = unknown[0] if self.faults.refusal_names_product else ""
@@ -603,6 +605,7 @@ class ReplayServer:
             "rest_requests": self.rest_requests,
             "rest_by_path": dict(self.rest_by_path),
             "deflated_connections": self.deflated,
+            "requests": dict(self.requests),
             "injected": dict(self.injected),
             "products": {
                 name: {
