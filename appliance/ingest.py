@@ -302,9 +302,9 @@ class Ingester:
                 g.claims += [x for x in claims if x > max(up_to, now_at)]  # not asked yet: the next attempt
                 if g.target <= now_at and not g.held:
                     break
-                if now_at < up_to:  # REST does not know up_to yet
+                if now_at < up_to:  # REST does not know up_to yet: wait longer each time it had nothing new
                     g.frontier = min(g.frontier or up_to, up_to)
-                    g.failures += 1
+                    g.failures = 1 if now_at > last else g.failures + 1
                 waiting = now_at < up_to or (g.frontier > 0 and (g.low or g.target) >= g.frontier)
         finally:
             g.task, g.asking, g.frontier, g.failures, g.claims = None, False, 0, 0, []

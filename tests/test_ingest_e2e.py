@@ -1,5 +1,6 @@
 """End to end: a real market through the Coinbase protocol, every fault on, candles exact."""
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -146,3 +147,24 @@ async def test_a_month_through_everything_coinbase_does(
         assert problem is not None, health.current()
         assert "left out of the feed" in problem.message
     assert health.of("trading", "ETH-USD") is None  # traded again after the halt (detection: test_halt)
+
+
+async def test_a_full_buffer_is_said_and_re_synced_over_rest(
+    tmp_path: Path, month_tape, running, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Eight messages of room while REST lags a second behind a market at full speed: ingest drops
+    what does not fit, says so, and fetches it from REST; nothing is lost, the connection stays."""
+    grown = MetricDelta()
+    args = [*MONTH_TAPE_ARGS, "--speed", "0", "--heartbeat-s", "0.2", "--omit-rate", "0.01",
+            "--rest-lag-s", "1", "--slow-consumer-s", "2", "--fault-seed", "5"]  # fmt: skip
+    status, _ = await ingest_replay(tmp_path, month_tape, args, running, timeout=240, feed_buffer_frames=8)
+    assert grown("cryptopi_feed_rejected_total", reason="buffer_full") > 0
+    assert grown("cryptopi_trades_ingested_total", product="BTC-USD", via="rest") > 0
+    assert status["injected"].get("slow_consumer", 0) == 0
+    said = {
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and r.name == "appliance.health"
+    }
+    assert said & {"too many trades wait for a gap repair: re-syncing over REST",
+                   "ingest fell behind the feed: messages dropped, re-synced over REST"}, said  # fmt: skip

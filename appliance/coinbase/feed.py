@@ -64,6 +64,8 @@ CHANNELS = ("matches", "heartbeat")
 _REFUSAL_CODES = {1009: "frame_too_large", 1007: "protocol_error", 1002: "protocol_error"}
 #: Frames websockets itself may hold before our reader takes them (Coinbase asks for a large buffer).
 _LIBRARY_QUEUE = 256
+#: Seconds without a dropped message before ingest counts as caught up again (one line per episode).
+CAUGHT_UP_AFTER_S = 10.0
 
 
 class FeedProtocolError(SettingRejected):
@@ -154,6 +156,7 @@ class CoinbaseFeed:
         #: Products Coinbase refused to subscribe, with its reason (left out until ingest asks again).
         self.refused: dict[str, str] = {}
         self.dropped = 0  # messages the full buffer could not take (their gaps go to REST repair)
+        self._dropped_at = 0.0
         self._rejects = ThrottledLog(log)
         self._changed = asyncio.Event()
         self._accepting: frozenset[str] = frozenset()  # products whose messages are taken
@@ -245,7 +248,7 @@ class CoinbaseFeed:
         while True:
             while items:
                 yield items.popleft()
-            if self.dropped:
+            if self.dropped and time.monotonic() - self._dropped_at > CAUGHT_UP_AFTER_S:
                 self.dropped = 0
                 self.health.ok("ingest")
             if buffer.closed:
@@ -355,6 +358,7 @@ class CoinbaseFeed:
 
     def _overflow(self) -> None:
         self.dropped += 1
+        self._dropped_at = time.monotonic()
         FEED_REJECTED.labels("buffer_full").inc()
         self.health.problem("ingest", "ingest fell behind the feed: messages dropped, re-synced over REST",
                             buffer_frames=self.buffer_frames, dropped=self.dropped)  # fmt: skip
