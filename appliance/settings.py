@@ -79,6 +79,11 @@ class Settings(BaseSettings):
             raise ValueError(f"{len(value)} products; at most {MAX_PRODUCTS}")
         return value
 
+    @property
+    def product_patterns(self) -> tuple[str, ...]:
+        """The entries of ``products`` that are patterns (resolved at start: :mod:`appliance.products`)."""
+        return tuple(p for p in self.products if not re.match(PRODUCT_PATTERN, p))
+
     @field_validator("coinbase_ws_url")
     @classmethod
     def _check_ws_url(cls, value: str) -> str:
@@ -102,11 +107,6 @@ class Settings(BaseSettings):
     @property
     def db_path(self) -> Path:
         return self.data_dir / "cryptopi.sqlite3"
-
-    @property
-    def product_patterns(self) -> tuple[str, ...]:
-        """The entries of ``products`` that are patterns (resolved at start: :mod:`appliance.products`)."""
-        return tuple(p for p in self.products if not re.match(PRODUCT_PATTERN, p))
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -34,11 +34,11 @@ from tests.conftest import (
 
 @contextlib.contextmanager
 def running_up(
-    data: Path, broker: Broker, replay_args: Sequence[str] = LIVE_MARKET_ARGS
+    data: Path, broker: Broker, market: Sequence[str] = LIVE_MARKET_ARGS
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """Replay server + Mosquitto + ``python -m appliance up``, until every product has a prediction."""
     port = free_port()
-    with replay_process(replay_args) as replay_port:
+    with replay_process(market) as replay_port:
         env = os.environ | {
             "CRYPTOPI_DATA_DIR": str(data), "CRYPTOPI_HTTP_HOST": "127.0.0.1",
             "CRYPTOPI_HTTP_PORT": str(port), "CRYPTOPI_MQTT_URL": broker.url,

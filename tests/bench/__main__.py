@@ -1,4 +1,4 @@
-"""``make bench``: the ingest and the appliance benchmarks, in one run (JSON in bench-results/)."""
+"""``make bench``: the ingest, appliance and fifty-product benchmarks, in one run (JSON in bench-results/)."""
 
 import argparse
 from pathlib import Path
