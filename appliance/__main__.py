@@ -20,6 +20,7 @@ from typing import Any
 import uvloop
 
 from appliance.helpers.cli import HelpFormatter, cli_time, settings_help
+from appliance.helpers.config import SettingRejected
 from appliance.settings import Settings
 
 log = logging.getLogger("appliance")
@@ -68,12 +69,17 @@ def up(args: argparse.Namespace, settings: Settings) -> int:
 def ingest(args: argparse.Namespace, settings: Settings) -> int:
     """Ingest live Coinbase trades into the store (and nothing else)."""
     from appliance.coinbase.rest import CoinbaseRest
+    from appliance.health import Conditions
     from appliance.ingest import Ingester
+    from appliance.products import resolve_settings
     from appliance.store import Store
 
     async def main(store: Store) -> None:
-        async with CoinbaseRest.from_settings(settings) as rest:  # made inside the loop that closes it
-            await Ingester(settings, store, rest).run()
+        health = Conditions()
+        async with CoinbaseRest.from_settings(
+            settings, health
+        ) as rest:  # made inside the loop that closes it
+            await Ingester(await resolve_settings(settings, rest), store, rest, health=health).run()
 
     with Store(settings.db_path) as store:
         run(main(store))
@@ -228,6 +234,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         return handler(args, settings)
+    except SettingRejected as exc:
+        print(f"invalid configuration:\n  {exc}", flush=True)  # where a bad value at start is said
+        return 2
     except (ValueError, OSError) as exc:  # a bad file, range or store: say what, exit 1
         print(f"error: {exc}", file=sys.stderr)
         return 1

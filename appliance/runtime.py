@@ -27,6 +27,7 @@ from appliance.inference import Inference
 from appliance.ingest import Ingester
 from appliance.mqtt import MqttPublisher
 from appliance.predictor import Predictor
+from appliance.products import resolve_settings
 from appliance.settings import Settings
 from appliance.store import Store
 
@@ -37,12 +38,14 @@ async def up(settings: Settings) -> None:
     # The HTTP port first: a second appliance on the same port stops here, before it opens the store.
     http_socket = listen(settings.http_host, settings.http_port)
     health = Conditions()  # every part reports its trouble here; /health shows it
+    async with CoinbaseRest.from_settings(settings, health) as rest:  # what a *-USD pattern stands for
+        settings = await resolve_settings(settings, rest)
     store = Store(settings.db_path)
     reader = Store(settings.db_path, readonly=True)
     inference = Inference(settings.models_dir, settings.products, health)
     inference.reload()
     predictor = Predictor(store, inference)
-    async with CoinbaseRest.from_settings(settings) as rest:
+    async with CoinbaseRest.from_settings(settings, health) as rest:
         ingester = Ingester(settings, store, rest, health=health)
         history = HistoryKeeper(store, rest, settings.products, max(WINDOW, settings.history_days * 24),
                                 on_filled=predictor.wake.set, health=health)  # fmt: skip

@@ -6,6 +6,7 @@ import re
 import socket
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -14,6 +15,13 @@ from appliance.candles import PRODUCT_PATTERN
 from appliance.helpers.config import check_url, load
 
 MODELS_DIR = Path(__file__).parent / "models"
+#: Products one appliance ingests at most (one feed connection, one REST budget: see the README).
+MAX_PRODUCTS = 50
+#: A product id, or a pattern resolved against Coinbase's product list at start: ``*-USD``, ``BTC-*``.
+PRODUCT_OR_PATTERN = r"^[A-Z0-9*?]{1,12}-[A-Z0-9*?]{1,12}$"
+EXCHANGE_FEED_URL = "wss://ws-feed.exchange.coinbase.com"
+#: Coinbase's other public feed: it speaks the Advanced Trade protocol, not the Exchange one.
+ADVANCED_TRADE_HOST = "advanced-trade-ws.coinbase.com"
 
 
 class Settings(BaseSettings):
@@ -21,10 +29,11 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(Path("data"), description="Folder of the SQLite database (cryptopi.sqlite3)")
     products: Annotated[tuple[str, ...], NoDecode] = Field(
-        ("BTC-USD", "ETH-USD"), description="Coinbase product ids to ingest and predict, comma-separated"
+        ("BTC-USD", "ETH-USD"),
+        description=f"Comma-separated Coinbase product ids or patterns (*-USD), at most {MAX_PRODUCTS}",
     )
     coinbase_ws_url: str = Field(
-        "wss://ws-feed.exchange.coinbase.com", description="Exchange WebSocket feed (or a replay server)"
+        EXCHANGE_FEED_URL, description="Exchange WebSocket feed (or a replay server)"
     )
     coinbase_rest_url: str = Field(
         "https://api.exchange.coinbase.com", description="Exchange REST API (or a replay server)"
@@ -35,6 +44,9 @@ class Settings(BaseSettings):
     rest_rate_per_s: float = Field(10.0, gt=0, le=10, description="REST requests/s (Coinbase allows 10)")
     rest_timeout_s: float = Field(10.0, gt=0, description="Timeout of each REST request, in seconds")
     commit_interval_s: float = Field(1.0, gt=0, description="Longest time trades wait uncommitted")
+    feed_buffer_frames: int = Field(
+        10_000, ge=1, le=1_000_000, description="Feed messages held while ingest is busy or repairing"
+    )
     http_host: str = Field("0.0.0.0", description="Address the API and dashboard listen on")
     http_port: int = Field(8000, ge=1, le=65535, description="Port the API and dashboard listen on")
     public_url: str | None = Field(
@@ -72,15 +84,29 @@ class Settings(BaseSettings):
         if not value:
             raise ValueError("name at least one product, e.g. BTC-USD")
         for product in value:
-            if not re.match(PRODUCT_PATTERN, product):
-                raise ValueError(f"{product!r} is not a Coinbase product id like BTC-USD")
+            if not re.match(PRODUCT_OR_PATTERN, product):
+                raise ValueError(
+                    f"{product!r} is not a Coinbase product id like BTC-USD (or a pattern: *-USD)"
+                )
         if len(set(value)) != len(value):
             raise ValueError("a product is listed twice")
+        if len(value) > MAX_PRODUCTS:
+            raise ValueError(f"{len(value)} products; at most {MAX_PRODUCTS}")
         return value
+
+    @property
+    def product_patterns(self) -> tuple[str, ...]:
+        """The entries of ``products`` that are patterns (resolved at start: :mod:`appliance.products`)."""
+        return tuple(p for p in self.products if not re.match(PRODUCT_PATTERN, p))
 
     @field_validator("coinbase_ws_url")
     @classmethod
     def _check_ws_url(cls, value: str) -> str:
+        if urlsplit(value).hostname == ADVANCED_TRADE_HOST:
+            raise ValueError(
+                f"{ADVANCED_TRADE_HOST} is Coinbase's Advanced Trade feed, another protocol; "
+                f"cryptopi reads the Exchange feed: {EXCHANGE_FEED_URL}"
+            )
         return check_url(value, ("ws", "wss"))
 
     @field_validator("coinbase_rest_url")

@@ -50,16 +50,22 @@ class PredictionResult(BaseModel):
     last_close: float
     realized_close: float | None = Field(None, description="Set once the predicted candle has closed")
     data_age_s: float | None = Field(description="Seconds since the newest trade the appliance holds")
+    stale: str | None = Field(
+        None,
+        description="Why the data behind it may be out of date (a halt, Coinbase unreachable); null if fresh",
+    )
 
     @classmethod
-    def of(cls, row: PredictionRow, level: float, data_age_s: float | None) -> PredictionResult:
+    def of(
+        cls, row: PredictionRow, level: float, data_age_s: float | None, stale: str | None = None
+    ) -> PredictionResult:
         lower, upper = (row.lower_80, row.upper_80) if level == 0.8 else (row.lower_95, row.upper_95)
         return cls(
             product=row.product, model=row.model, model_version=row.model_version,
             granularity=row.granularity, as_of=datetime.fromtimestamp(row.as_of, UTC),
             target_time=datetime.fromtimestamp(row.target_time, UTC), predicted_close=row.predicted_close,
             interval=Interval(lower=lower, upper=upper, level=level), last_close=row.last_close,
-            data_age_s=data_age_s, realized_close=row.realized_close,
+            data_age_s=data_age_s, realized_close=row.realized_close, stale=stale,
         )  # fmt: skip
 
 

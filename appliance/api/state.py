@@ -52,6 +52,15 @@ class AppState:
             last_us = state.last_trade_time_us if state else None
         return round(time.time() - last_us / 1e6, 3) if last_us else None
 
+    def stale(self, product: str) -> str | None:
+        """Why the product's data may be out of date: its own problems and an unreachable Coinbase feed."""
+        reasons = [
+            p.message
+            for p in self.health.current()
+            if p.subject == product or (p.component == "coinbase" and p.subject is None)
+        ]
+        return "; ".join(reasons) or None
+
     def known(self, product: str) -> str:
         """``product``, or a 404 naming the products served."""
         if product not in self.settings.products:

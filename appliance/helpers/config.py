@@ -19,6 +19,11 @@ def check_url(value: str, schemes: tuple[str, ...]) -> str:
     return value
 
 
+class SettingRejected(ValueError):
+    """A setting that passed its checks but proved wrong once used (a URL speaking another
+    protocol): the program says which and how to fix it, and exits 2 like a bad value at start."""
+
+
 class ConfigError(SystemExit):
     """Bad configuration: exits with status 2 and a message naming each bad variable."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 
 from fastapi import APIRouter, HTTPException, Request, Response
@@ -27,7 +28,7 @@ async def predict(request: Request) -> Response:
 
     The hot path of the appliance: the query is validated in one pydantic call (FastAPI's
     per-parameter machinery costs more than everything else here) and the body is rendered once
-    per prediction; only ``data_age_s`` is written per request.
+    per prediction; only ``data_age_s`` and ``stale`` are written per request.
     """
     state: AppState = request.app.state.appliance
     try:
@@ -52,19 +53,20 @@ async def predict(request: Request) -> Response:
             raise HTTPException(404, f"no {product} {model} prediction at or before {at}")
         raise HTTPException(503, f"no {product} prediction yet: {state.predictor.missing.get(product)}")
     age = state.data_age_s(product)
-    body = rendered(rows[0], level) + (b"null}" if age is None else f"{age}}}".encode())
-    return Response(body, media_type="application/json")
+    stale = state.stale(product)
+    tail = f'{"null" if age is None else age},"stale":{"null" if stale is None else json.dumps(stale)}}}'
+    return Response(rendered(rows[0], level) + tail.encode(), media_type="application/json")
 
 
 @router.get("/api/predictions/{product}", response_model=list[PredictionResult], responses=ERRORS)
 async def predictions(product: ProductPath, state: State) -> list[PredictionResult]:
     state.known(product)
-    age = state.data_age_s(product)
-    return [PredictionResult.of(r, 0.8, age) for r in state.reader.latest_predictions(product)]
+    age, stale = state.data_age_s(product), state.stale(product)
+    return [PredictionResult.of(r, 0.8, age, stale) for r in state.reader.latest_predictions(product)]
 
 
 @lru_cache(maxsize=64)
 def rendered(row: PredictionRow, level: float) -> bytes:
-    """A prediction's JSON up to its last field, ``data_age_s``, which changes with every request."""
-    body = PredictionResult.of(row, level, None).model_dump_json(exclude={"data_age_s"})
+    """A prediction's JSON up to its last fields, ``data_age_s`` and ``stale``, which change per request."""
+    body = PredictionResult.of(row, level, None).model_dump_json(exclude={"data_age_s", "stale"})
     return f'{body[:-1]},"data_age_s":'.encode()
