@@ -94,7 +94,7 @@ def test_live_prediction_equals_the_models_on_the_real_candles(appliance) -> Non
         assert got["interval"]["lower"] < got["predicted_close"] < got["interval"]["upper"]
         assert parse_time(got["target_time"]) == as_of + 3600
         both = httpx.get(f"{url}/api/predictions/{product}").json()
-        assert {p["model"] for p in both} == {"cnn", "lasso"}
+        assert {p["model"] for p in both} == {"cnn", "lasso", "persistence"}
 
 
 def test_predictions_keep_coming_every_hour_without_a_gap(appliance) -> None:
@@ -123,7 +123,7 @@ def test_realized_accuracy_matches_the_real_closes(appliance) -> None:
     assert len(rows) >= 3
     assert all(p.realized_close == real_close[p.target_time] for p in rows)
     scores = {a["model"]: a for a in httpx.get(f"{url}/api/accuracy/BTC-USD").json()}
-    assert set(scores) == {"cnn", "lasso"}
+    assert set(scores) == {"cnn", "lasso", "persistence"}
     lasso = scores["lasso"]
     assert lasso["predictions"] >= len(rows)
     assert 0 <= lasso["coverage_80"] <= lasso["coverage_95"] <= 1

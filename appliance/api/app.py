@@ -112,7 +112,7 @@ def create_app(state: AppState) -> FastAPI:
     async def health() -> Health:
         products = {}
         for product in state.settings.products:
-            loaded = state.inference.serving.get(product)
+            loaded = state.inference.serving_of(product)
             missing = state.predictor.missing.get(product)
             products[product] = ProductHealth(
                 data_age_s=state.data_age_s(product),
