@@ -22,9 +22,9 @@ from appliance.registry import RegistryError, latest, latest_versions, load_vers
 from appliance.store import Store
 from tests.conftest import BTC_1H, BTC_15M, REPO
 from training.data import load_candles
-from training.evaluate import diebold_mariano
+from training.evaluate import choose_shrink, diebold_mariano
 from training.export import export
-from training.models import CnnSettings, Shrunk, choose_shrink, fit_lasso
+from training.models import CnnSettings, Shrunk, fit_lasso
 from training.pipeline import Registered, Scored, TrainConfig, fit_and_score, register, rescore
 
 SHIPPED = REPO / "appliance" / "models"
@@ -74,10 +74,16 @@ def test_learned_models_are_served_shrunk_toward_persistence(scored: Scored) -> 
         np.testing.assert_allclose(
             model.predict(scored.test.X), model.factor * model.model.predict(scored.test.X)
         )
-    # The choice itself: an oracle keeps its whole signal, a contrarian oracle is cut to persistence.
+    # The choice itself: an oracle keeps its whole signal, a contrarian oracle is cut to persistence,
+    # and so is a model whose skill is not significant, even where a factor would fit a little.
     test = scored.test
     assert choose_shrink(test.close, test.target, test.log_return) == 1.0
     assert choose_shrink(test.close, test.target, -test.log_return) == 0.0
+    noise = np.random.default_rng(0).normal(0, test.log_return.std(), len(test))
+    faint, weak = noise + 0.1 * test.log_return, noise + 0.3 * test.log_return
+    assert choose_shrink(test.close, test.target, faint, p=1.0) > 0  # the best factor, untested
+    assert choose_shrink(test.close, test.target, faint) == 0.0  # not significant: persistence
+    assert choose_shrink(test.close, test.target, weak) > 0  # significant: kept, shrunk
 
 
 def test_diebold_mariano_is_one_sided_with_hac_variance(scored: Scored) -> None:

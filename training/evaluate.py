@@ -130,6 +130,25 @@ def _interval_score(y: Floats, lo: Floats, hi: Floats, level: float) -> float:
     return float(np.mean(hi - lo + 2 / (1 - level) * miss))
 
 
+SHRINK_GRID = np.linspace(0.0, 1.0, 21)
+
+
+def choose_shrink(close: Floats, target: Floats, predicted: Floats, p: float = 0.05) -> float:
+    """The shrink factor toward persistence, from out-of-sample predictions of the training period.
+
+    The factor of ``SHRINK_GRID`` with the lowest price MAE (the smallest on a tie), kept only if the
+    model so shrunk is significantly better than persistence there (one-sided Diebold-Mariano,
+    p < ``p``, the gate's level); otherwise 0, which serves persistence itself. Without evidence of
+    skill, any factor above 0 only bets on the sign of a correlation the data cannot tell from zero,
+    and the gate's test on unseen data would fail as often as it passes.
+    """
+    base = np.abs(close - target)
+    errors = [np.abs(close * np.exp(f * predicted) - target) for f in SHRINK_GRID]
+    best = int(np.argmin([np.mean(e) for e in errors]))
+    better = diebold_mariano(base, errors[best])  # "persistence is worse than the shrunk model"
+    return float(SHRINK_GRID[best]) if better is not None and better[1] < p else 0.0
+
+
 FitFn = Callable[[Dataset], Predictor]
 
 

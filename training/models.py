@@ -61,16 +61,6 @@ class Shrunk:
         return self.factor * self.model.predict(X)
 
 
-SHRINK_GRID = np.linspace(0.0, 1.0, 21)
-
-
-def choose_shrink(close: Floats, target: Floats, predicted: Floats) -> float:
-    """The factor of ``SHRINK_GRID`` with the lowest price MAE on out-of-sample predictions (the
-    smallest on a tie): 0 serves persistence, 1 the model as fitted."""
-    mae = [np.mean(np.abs(close * np.exp(f * predicted) - target)) for f in SHRINK_GRID]
-    return float(SHRINK_GRID[int(np.argmin(mae))])
-
-
 #: What the volatility model reads besides the hour of the week (HAR-style: realized and range-based
 #: variance over 1, 6, 24 and 168 candles, and trading volume, which moves with volatility).
 VOL_INPUTS = (*(f"rv_{n}" for n in VOL_SPANS), *(f"gk_{n}" for n in VOL_SPANS), "volume", "volume_mean_24")

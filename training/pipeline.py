@@ -25,7 +25,7 @@ from appliance.registry import (
 )
 from training.card import write_card
 from training.data import Dataset, build_dataset, iso, load_candles
-from training.evaluate import Calibration, Metrics, calibrate, evaluate, walk_forward
+from training.evaluate import Calibration, Metrics, calibrate, choose_shrink, evaluate, walk_forward
 from training.export import OnnxPredictor, export, quantize_int8
 from training.models import (
     CnnSettings,
@@ -33,7 +33,6 @@ from training.models import (
     Predictor,
     Shrunk,
     VolatilityModel,
-    choose_shrink,
     fit_cnn,
     fit_lasso,
     fit_volatility,
