@@ -69,10 +69,10 @@ def load_models(folder: Path) -> ProductModels:
     options.inter_op_num_threads = 1
     zeros = np.zeros(len(manifest.feature_spec.names))
 
-    def graph(what: str, file: str, input_name: str | None, output_name: str | None) -> Graph:
+    def graph(what: str, file: str, input_name: str, output_name: str) -> Graph:
         try:
             g = Graph(ort.InferenceSession(str(folder / file), options, providers=["CPUExecutionProvider"]),
-                      input_name or "", output_name or "")  # fmt: skip
+                      input_name, output_name)  # fmt: skip
             warm = g.run(zeros)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise RegistryError(f"{folder}: {what} does not run: {exc}") from None
@@ -86,7 +86,9 @@ def load_models(folder: Path) -> ProductModels:
     for name, entry in manifest.models.items():
         if not {"0.8", "0.95"} <= set(entry.intervals.quantiles):
             raise RegistryError(f"{folder}: {name} lacks 80/95 % intervals")
-        g = graph(name, entry.file, entry.input_name, entry.output_name) if entry.file else None
+        g = None
+        if entry.file and entry.input_name and entry.output_name:  # the registry checks they go together
+            g = graph(name, entry.file, entry.input_name, entry.output_name)
         models[name] = LoadedModel(name, g, entry.shrink, entry.intervals.quantiles)
     return ProductModels(manifest, models, volatility)
 

@@ -23,7 +23,7 @@ import tempfile
 from datetime import datetime
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from appliance.features import SPEC_HASH, SPEC_NAME
 
@@ -65,6 +65,12 @@ class ModelEntry(_Frozen):
     intervals: IntervalCalibration
     metrics: dict[str, dict[str, float | None]]  # "holdout" / "walk_forward" -> metric -> value
     params: dict[str, float | int | str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _graph_is_named(self) -> ModelEntry:
+        if self.file is not None and not (self.input_name and self.output_name):
+            raise ValueError(f"{self.file} needs its input_name and output_name")
+        return self
 
 
 class VolatilityEntry(_Frozen):

@@ -130,7 +130,7 @@ def _interval_score(y: Floats, lo: Floats, hi: Floats, level: float) -> float:
     return float(np.mean(hi - lo + 2 / (1 - level) * miss))
 
 
-SHRINK_GRID = np.linspace(0.0, 1.0, 21)
+SHRINK_GRID = np.round(np.linspace(0.0, 1.0, 21), 2)
 
 
 def choose_shrink(close: Floats, target: Floats, predicted: Floats, p: float = 0.05) -> float:
