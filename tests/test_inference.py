@@ -142,4 +142,8 @@ def test_a_pooled_version_serves_any_product_without_its_own(tmp_path: Path) -> 
     assert eth is not None
     assert own is not None
     assert (eth.manifest.product, own.manifest.product) == ("*", "BTC-USD")
-    assert inference.predict("ETH-USD", load_candles(ETH_1H, "ETH-USD", 3600).tail(WINDOW))
+    eth_hours = load_candles(ETH_1H, "ETH-USD", 3600)
+    may_day = int(np.searchsorted(eth_hours.start, 1777593600))  # 2026-05-01, a whole window before it
+    assert {p.model_version for p in inference.predict("ETH-USD", window(eth_hours, may_day))} == {
+        eth.manifest.version
+    }
