@@ -87,11 +87,11 @@ smoke-arm64: setup  ## build the image for arm64 under QEMU; it must predict as 
 install:  ## on the Pi, from /opt/cryptopi: host venv, /etc/cryptopi, systemd units (INSTALL_ARGS=--with-cloudflared)
 	$(SUDO) systemd/install.sh $(INSTALL_ARGS)
 
-models: setup  ## retrain the shipped BTC-USD and ETH-USD models from the bundled candles
-	for product in BTC-USD ETH-USD; do \
-		$(DEV) python -m training train --data $(DATASETS)/coinbase_$${product}_1h.csv --product $$product \
-			--out appliance/models || exit; \
-	done
+models: setup  ## retrain the shipped models (BTC-USD, ETH-USD; hourly and 15-minute) from the bundled candles
+	for granularity in 3600:1h 900:15m; do for product in BTC-USD ETH-USD; do \
+		$(DEV) python -m training train --data $(DATASETS)/coinbase_$${product}_$${granularity#*:}.csv \
+			--product $$product --granularity $${granularity%:*} --out appliance/models || exit; \
+	done; done
 
 clean:  ## remove the virtualenv, caches and local data
 	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache bench-results mutation-results data

@@ -52,7 +52,7 @@ class Predictor:
             as_of = rows[-1].start + g
             if self._done_as_of.get(product) == as_of:
                 continue
-            if product not in self.inference.serving:
+            if self.inference.serving_of(product, g) is None:
                 self.missing[product] = "no model loaded"
                 continue
             try:

@@ -42,7 +42,7 @@ async def up(settings: Settings) -> None:
         settings = await resolve_settings(settings, rest)
     store = Store(settings.db_path)
     reader = Store(settings.db_path, readonly=True)
-    inference = Inference(settings.models_dir, settings.products, health)
+    inference = Inference(settings.models_dir, settings.products, health=health)
     inference.reload()
     predictor = Predictor(store, inference)
     async with CoinbaseRest.from_settings(settings, health) as rest:

@@ -39,6 +39,8 @@ ADVANCED_TRADE_CAPTURE = DATASETS / "coinbase_ws_advanced_trade_2026-08-09_no_l2
 BTC_1H = DATASETS / "coinbase_BTC-USD_1h.csv"
 ETH_1H = DATASETS / "coinbase_ETH-USD_1h.csv"
 BTC_1M = DATASETS / "coinbase_BTC-USD_1m.csv"
+BTC_15M = DATASETS / "coinbase_BTC-USD_15m.csv"
+ETH_15M = DATASETS / "coinbase_ETH-USD_15m.csv"
 # 2025-09-01 .. 2025-10-01 (epoch s): a month of both products, ~10k generated trades.
 SEPT_2025 = (1756684800, 1759276800)
 
@@ -214,6 +216,12 @@ class MetricDelta:
 def btc_hourly() -> CandleSeries:
     """All real BTC-USD hourly candles (2023-12-31 .. 2026-05-08, two real 5-hour holes)."""
     return CandleSeries.from_rows(3600, [c.row() for c in read_candle_csv(BTC_1H)])
+
+
+@pytest.fixture(scope="session")
+def btc_15m() -> CandleSeries:
+    """All real BTC-USD 15-minute candles (2024-04-18 .. 2026-05-08, four real holes)."""
+    return CandleSeries.from_rows(900, [c.row() for c in read_candle_csv(BTC_15M, 900)])
 
 
 class Broker:

@@ -39,7 +39,7 @@ from tests.dockerenv import (
 
 ARCHES = ("amd64", "arm64")
 PRODUCTS = ("BTC-USD", "ETH-USD")
-MODELS = ("cnn", "lasso")
+MODELS = ("cnn", "lasso", "persistence")
 
 
 class Phases:

@@ -116,8 +116,8 @@ def test_chart_shows_past_predictions_and_bands_against_the_closes(
         for product in ("BTC-USD", "ETH-USD"):
             page.wait_for_function(ENOUGH_PAST, arg=[product, 3600], timeout=60_000)
             drawn = page.evaluate(DRAWN, [product, 3600])
-            assert sorted(drawn["buttons"]) == ["cnn", "lasso"], drawn
-            assert drawn["pressed"] == ["false", "false"], "the legend toggles models off"
+            assert sorted(drawn["buttons"]) == ["cnn", "lasso", "persistence"], drawn
+            assert drawn["pressed"] == ["false"] * 3, "the legend toggles models off"
             assert drawn["closes"] >= 40, "the realized closes of the last 48 candles"
             for model, seen in drawn["models"].items():
                 assert seen["past"] >= PAST, (model, seen)

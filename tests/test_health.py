@@ -146,15 +146,15 @@ async def test_back_fill_failing_is_a_reason_per_product_until_it_works(tmp_path
 def test_refused_models_and_an_unreadable_registry_are_reasons(tmp_path: Path) -> None:
     shutil.copytree(REPO / "appliance" / "models", tmp_path, dirs_exist_ok=True)
     health = Conditions()
-    inference = Inference(tmp_path, ("BTC-USD",), health)
+    inference = Inference(tmp_path, ("BTC-USD",), health=health)
     inference.reload()
-    good = inference.serving["BTC-USD"].manifest.version
+    good = inference.serving[("BTC-USD", 3600)].manifest.version
     broken = "btc-usd-3600s-broken"
     shutil.copytree(tmp_path / good, tmp_path / broken)
     (tmp_path / broken / "lasso.onnx").write_bytes(b"not a model")
-    set_latest(tmp_path, "BTC-USD", broken)
+    set_latest(tmp_path, "BTC-USD", 3600, broken)
     inference.reload()
-    refused = health.of("models", "BTC-USD")
+    refused = health.of("models", "BTC-USD 3600s")
     assert refused is not None
     assert refused.message == "model version refused"
     assert refused.detail["version"] == broken
@@ -173,7 +173,7 @@ def test_refused_models_and_an_unreadable_registry_are_reasons(tmp_path: Path) -
 
     fixed = "btc-usd-3600s-fixed"
     shutil.copytree(tmp_path / good, tmp_path / fixed)
-    set_latest(tmp_path, "BTC-USD", fixed)
+    set_latest(tmp_path, "BTC-USD", 3600, fixed)
     inference.reload()
     assert health.current() == []
 
@@ -183,10 +183,10 @@ def test_up_explains_itself_in_health_and_logs(tmp_path: Path) -> None:
     each prediction round is one INFO line; the log holds no colour codes."""
     models = tmp_path / "models"
     shutil.copytree(REPO / "appliance" / "models", models)
-    eth = latest_versions(models)["ETH-USD"]
+    eth = latest_versions(models)["ETH-USD"][3600]
     shutil.copytree(models / eth, models / "eth-usd-3600s-broken")
     (models / "eth-usd-3600s-broken" / "cnn.onnx").write_bytes(b"not a model")
-    set_latest(models, "ETH-USD", "eth-usd-3600s-broken")
+    set_latest(models, "ETH-USD", 3600, "eth-usd-3600s-broken")
     dead = free_port()
     data = tmp_path / "data"
     data.mkdir()
@@ -210,7 +210,7 @@ def test_up_explains_itself_in_health_and_logs(tmp_path: Path) -> None:
     assert mqtt["message"] == "MQTT broker unreachable"
     assert mqtt["detail"]["broker"] == f"127.0.0.1:{dead}"
     assert "refused" in mqtt["detail"]["error"].lower()
-    models_problem = problems[("models", "ETH-USD")]
+    models_problem = problems[("models", "ETH-USD 3600s")]
     assert models_problem["message"] == "model version refused"
     assert models_problem["detail"]["version"] == "eth-usd-3600s-broken"
     assert health["products"]["ETH-USD"]["prediction"] == "no model loaded"

@@ -23,7 +23,7 @@ from tests.conftest import BTC_1H, ETH_1H, appliance_up, free_port, replay_proce
 from tests.homeassistant import HomeAssistant, check_discovery
 
 PRODUCTS = {"BTC-USD": BTC_1H, "ETH-USD": ETH_1H}
-MODELS = ("cnn", "lasso")
+MODELS = ("cnn", "lasso", "persistence")
 #: A market that ends: both products, 2026-04-20 00:30 to 12:00 at an hour every 2 s. Once it has
 #: played, every value is final, so Home Assistant's states can be compared with the API exactly.
 END = "2026-04-20T12:00:00Z"
@@ -175,6 +175,6 @@ def test_every_discovery_key_is_in_home_assistants_own_schema(home_assistant: Ho
         p.set_models(product, 900, list(MODELS))
     payloads = [(d.component, d.config) for d in p.discovery()]
     results = check_discovery(home_assistant.venv, payloads)
-    assert len(results) == len(payloads) == 2 * 2 * 2 * 4 + 2 + 1
+    assert len(results) == len(payloads) == 2 * len(MODELS) * 2 * 4 + 2 + 1
     for (component, config), result in zip(payloads, results, strict=True):
         assert result == {"dropped": ["default_entity_id"]}, (component, json.dumps(config), result)

@@ -42,8 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--gate-margin",
                 type=float,
-                default=0.02,
-                help="most a model's hold-out MAE may exceed persistence's (0.02 = 2%%)",
+                default=0.002,
+                help="most a model's hold-out MAE may exceed persistence's (0.002 = 0.2%%)",
+            )
+            p.add_argument(
+                "--gate-p",
+                type=float,
+                default=0.05,
+                help="refuse a model significantly worse than persistence (one-sided DM p below this)",
             )
             p.add_argument("--force", action="store_true", help="promote even if the gate refuses")
         else:
@@ -68,7 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         holdout_start=args.holdout_start,
         cnn=cnn,
         walk_forward_folds=args.folds,
-        gate_margin=getattr(args, "gate_margin", 0.02),
+        gate_margin=getattr(args, "gate_margin", 0.002),
+        gate_p=getattr(args, "gate_p", 0.05),
     )
     try:
         scored = fit_and_score(cfg)
@@ -89,7 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not result.promoted:
         print(f"NOT promoted: {result.reason} (use --force to promote anyway)")
         return EXIT_GATE_REFUSED
-    print(f"promoted: {args.product} latest -> {result.manifest.version} ({result.reason})")
+    print(
+        f"promoted: {args.product} {args.granularity}s latest -> {result.manifest.version} ({result.reason})"
+    )
     return 0
 
 

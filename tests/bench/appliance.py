@@ -63,17 +63,22 @@ def wrk(url: str, seconds: int = 5) -> dict[str, float]:
 def onnx_times() -> dict[str, dict[str, float]]:
     root = REPO / "appliance" / "models"
     times = {}
-    for product, version in latest_versions(root).items():
-        loaded = load_models(root / version)
-        row = np.random.default_rng(0).normal(size=len(loaded.manifest.feature_spec.names))
-        for name, model in loaded.models.items():
-            samples = []
-            for _ in range(2000):
-                started = time.perf_counter()
-                model.log_return(row)
-                samples.append((time.perf_counter() - started) * 1e6)
-            times[f"{product}/{name}"] = {"median_us": statistics.median(samples),
-                                          "p99_us": float(np.percentile(samples, 99))}  # fmt: skip
+    for product, by_granularity in latest_versions(root).items():
+        for granularity, version in by_granularity.items():
+            loaded = load_models(root / version)
+            row = np.random.default_rng(0).normal(size=len(loaded.manifest.feature_spec.names))
+            runs = {name: m.log_return for name, m in loaded.models.items()} | {"volatility": loaded.sigma}
+            for name, run in runs.items():
+                samples = []
+                for _ in range(2000):
+                    started = time.perf_counter()
+                    run(row)
+                    samples.append((time.perf_counter() - started) * 1e6)
+                p99 = float(np.percentile(samples, 99))
+                times[f"{product}/{granularity}s/{name}"] = {
+                    "median_us": statistics.median(samples),
+                    "p99_us": p99,
+                }
     return times
 
 

@@ -21,7 +21,7 @@ async def livez() -> dict[str, bool]:
 async def health(state: State) -> Health:
     products = {}
     for product in state.settings.products:
-        loaded = state.inference.serving.get(product)
+        loaded = state.inference.serving_of(product)
         missing = state.predictor.missing.get(product)
         products[product] = ProductHealth(
             data_age_s=state.data_age_s(product),
