@@ -15,14 +15,18 @@ import pytest
 
 from tests.conftest import REPO, free_port
 
+#: What an outer ``make test`` passes to the makes it runs: a user's ``make demo`` starts without them.
+OUTER_MAKE = ("MAKELEVEL", "MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES")
+
 
 def demo(out: Path, demo_port: int, http_port: int, data: Path, **env: str) -> subprocess.Popen[bytes]:
-    """``make demo`` in its own session (a terminal's foreground group), loopback only."""
+    """``make demo`` in its own session (a terminal's foreground group), loopback only, as a user runs it."""
+    user = {k: v for k, v in os.environ.items() if k not in OUTER_MAKE}
     return subprocess.Popen(
         ["make", "--no-print-directory", "demo", f"DEMO_PORT={demo_port}"],
         cwd=REPO, stdout=out.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
-        env=os.environ | {"CRYPTOPI_HTTP_HOST": "127.0.0.1", "CRYPTOPI_HTTP_PORT": str(http_port),
-                          "CRYPTOPI_DATA_DIR": str(data)} | env,
+        env=user | {"CRYPTOPI_HTTP_HOST": "127.0.0.1", "CRYPTOPI_HTTP_PORT": str(http_port),
+                    "CRYPTOPI_DATA_DIR": str(data)} | env,
     )  # fmt: skip
 
 
