@@ -22,7 +22,15 @@ from appliance.features import CandleSeries, feature_row
 from appliance.health import Conditions
 from appliance.metrics import MODEL_INFO, MODEL_REFUSED
 from appliance.predictions import PredictionRow
-from appliance.registry import ANY_PRODUCT, Manifest, RegistryError, latest_versions, load_version, resolve
+from appliance.registry import (
+    ANY_PRODUCT,
+    Manifest,
+    RegistryError,
+    latest_versions,
+    load_version,
+    resolve,
+    version_folder,
+)
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +135,7 @@ class Inference:
             self._seen[key] = version  # a refused version is not retried until latest changes
             started = time.monotonic()
             try:
-                loaded = load_models(self.registry / version)
+                loaded = load_models(version_folder(self.registry, version))
                 m = loaded.manifest
                 if m.product not in (product, ANY_PRODUCT) or m.granularity != g:
                     raise RegistryError(

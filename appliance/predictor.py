@@ -91,7 +91,9 @@ class Predictor:
                     await self.wake.wait()
             self.wake.clear()
             if time.monotonic() - last_reload >= RELOAD_EVERY_S:
-                self.inference.reload()
+                # In a worker thread: checking a new version hashes and loads its files, which must
+                # never stall the API or ingest (the swap itself is one assignment).
+                await asyncio.to_thread(self.inference.reload)
                 last_reload = time.monotonic()
             self.step()
 

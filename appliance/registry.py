@@ -28,6 +28,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from appliance.features import SPEC_HASH, SPEC_NAME
 
 LATEST = "latest.json"
+#: The largest file a version may hold: the int8 CNN is 2 MB, fp32 8.6 MB. Anything far bigger is a
+#: mistake or an attack, and is refused from its size alone, before hashing or loading it.
+MAX_FILE_BYTES = 64 << 20
 ANY_PRODUCT = "*"
 _VERSION = re.compile(r"^[a-z0-9][a-z0-9._-]{2,100}$")
 
@@ -117,6 +120,15 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def version_folder(root: Path, version: str) -> Path:
+    """The folder of ``version`` in the registry at ``root``; RegistryError for a name that is not a
+    version's, or that resolves outside the registry (``..``, an absolute path, a symlink out)."""
+    folder = root / version
+    if not _VERSION.match(version) or not folder.resolve().is_relative_to(root.resolve()):
+        raise RegistryError(f"{root}: {version!r} is not a version of this registry")
+    return folder
+
+
 def load_version(folder: Path) -> Manifest:
     """The manifest of a version, after checking its files and feature spec; RegistryError if not."""
     try:
@@ -135,10 +147,13 @@ def load_version(folder: Path) -> Manifest:
         manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
         raise RegistryError(f"{folder}: unreadable manifest: {exc}") from None
+    inside = folder.resolve()
     for name, expected in manifest.files.items():
         path = folder / name
-        if Path(name).name != name or not path.is_file():
+        if Path(name).name != name or not path.is_file() or path.resolve().parent != inside:
             raise RegistryError(f"{folder}: file {name!r} is missing")
+        if (size := path.stat().st_size) > MAX_FILE_BYTES:
+            raise RegistryError(f"{folder}: {name} is {size:,} bytes, more than {MAX_FILE_BYTES:,}")
         if sha256_of(path) != expected:
             raise RegistryError(f"{folder}: {name} does not match its sha256 in the manifest")
     graphs = {f"model {m}": e.file for m, e in manifest.models.items() if e.file is not None}
@@ -178,13 +193,13 @@ def resolve(versions: Versions, product: str, granularity: int) -> str | None:
 
 def latest(root: Path, product: str, granularity: int = 3600) -> Manifest | None:
     version = resolve(latest_versions(root), product, granularity)
-    return load_version(root / version) if version else None
+    return load_version(version_folder(root, version)) if version else None
 
 
 def set_latest(root: Path, product: str, granularity: int, version: str) -> None:
     """Point ``product`` at ``granularity`` to ``version``, atomically (a reader sees the old or the
     new map, whole)."""
-    if not _VERSION.match(version) or not (root / version / "manifest.json").is_file():
+    if not _VERSION.match(version) or not (version_folder(root, version) / "manifest.json").is_file():
         raise RegistryError(f"no version {version!r} in {root}")
     versions = latest_versions(root)
     versions.setdefault(product, {})[granularity] = version

@@ -1,16 +1,22 @@
 """Serving: the shipped models through the appliance's own path reproduce training's hold-out figures."""
 
+import asyncio
+import contextlib
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from appliance import predictor as predictor_module
 from appliance.features import WINDOW, CandleSeries, MissingHistory
 from appliance.inference import Inference
+from appliance.predictor import Predictor
 from appliance.registry import latest_versions, set_latest
-from tests.conftest import BTC_1H, BTC_15M, ETH_1H, ETH_15M, REPO, MetricDelta
+from appliance.store import Store
+from tests.conftest import BTC_1H, BTC_15M, ETH_1H, ETH_15M, REPO, MetricDelta, wait_for
 from training.data import load_candles
 
 SHIPPED = REPO / "appliance" / "models"
@@ -152,3 +158,26 @@ def test_a_pooled_version_serves_any_product_without_its_own(tmp_path: Path) -> 
     assert {p.model_version for p in inference.predict("ETH-USD", window(eth_hours, may_day))} == {
         eth.manifest.version
     }
+
+
+async def test_new_versions_are_checked_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hashing and loading a version happens in a worker thread: the API and ingest keep running."""
+    inference = Inference(SHIPPED, ("BTC-USD",))
+    threads: list[threading.Thread] = []
+
+    def reload() -> bool:
+        threads.append(threading.current_thread())
+        return False
+
+    monkeypatch.setattr(inference, "reload", reload)
+    monkeypatch.setattr(predictor_module, "RELOAD_EVERY_S", 0.0)
+    predictor = Predictor(Store(":memory:"), inference)
+    task = asyncio.ensure_future(predictor.run())
+    try:
+        predictor.wake.set()
+        await wait_for(lambda: bool(threads), 10, "a reload")
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert threads[0] is not threading.main_thread()

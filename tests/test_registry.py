@@ -260,3 +260,42 @@ def test_set_latest_refuses_a_version_that_is_not_there(tmp_path: Path) -> None:
     with pytest.raises(RegistryError, match=r"^no version 'btc-usd-empty' in "):
         set_latest(tmp_path, "BTC-USD", 3600, "btc-usd-empty")
     assert not (tmp_path / LATEST).exists()
+
+
+@pytest.mark.parametrize("name", ["../outside-version", "/etc/cryptopi-version", "sub/../../outside-version"])
+def test_a_latest_entry_outside_the_registry_is_refused(tmp_path: Path, name: str) -> None:
+    root = tmp_path / "registry"
+    root.mkdir()
+    write_version(tmp_path, "outside-version")  # a valid version, but beside the registry, not in it
+    doc = {"format": 2, "versions": {"BTC-USD": {"3600": name}}}
+    (root / LATEST).write_text(json.dumps(doc))
+    with pytest.raises(RegistryError, match=rf"^{root}: {name!r} is not a version of this registry$"):
+        latest(root, "BTC-USD")
+
+
+def test_a_version_that_is_a_symlink_out_of_the_registry_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "registry"
+    root.mkdir()
+    elsewhere = write_version(tmp_path, "elsewhere-version")
+    (root / "btc-usd-linked").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(RegistryError, match=r"'btc-usd-linked' is not a version of this registry$"):
+        set_latest(root, "BTC-USD", 3600, "btc-usd-linked")
+    assert not (root / LATEST).exists()
+
+
+def test_a_listed_file_that_links_out_of_its_version_is_missing(tmp_path: Path) -> None:
+    folder = write_version(tmp_path)
+    outside = tmp_path / "outside.onnx"
+    outside.write_bytes((folder / "lasso.onnx").read_bytes())  # the very bytes the checksum names
+    (folder / "lasso.onnx").unlink()
+    (folder / "lasso.onnx").symlink_to(outside)
+    with pytest.raises(RegistryError, match=r": file 'lasso.onnx' is missing$"):
+        load_version(folder)
+
+
+def test_a_huge_file_is_refused_from_its_size_before_it_is_read(tmp_path: Path) -> None:
+    folder = write_version(tmp_path)
+    with (folder / "lasso.onnx").open("r+b") as fh:
+        fh.truncate(4 << 30)  # 4 GiB, sparse: reading it would take seconds, its size takes nothing
+    with pytest.raises(RegistryError, match=r": lasso.onnx is 4,294,967,296 bytes, more than 67,108,864$"):
+        load_version(folder)
