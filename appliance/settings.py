@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated, Literal
@@ -32,6 +33,26 @@ class Settings(BaseSettings):
     commit_interval_s: float = Field(1.0, gt=0, description="Longest time trades wait uncommitted")
     http_host: str = Field("0.0.0.0", description="Address the API and dashboard listen on")
     http_port: int = Field(8000, ge=1, le=65535)
+    # The HTTP edge (appliance/api/server.py, appliance/api/edge.py): what any one client can cost.
+    http_max_connections: int = Field(
+        800,
+        ge=1,
+        le=60_000,
+        description="Open connections (HTTP and WebSocket); past it idle ones give way, or 503",
+    )
+    http_header_timeout_s: float = Field(10.0, gt=0, le=300, description="Time to send a request's headers")
+    http_keepalive_s: float = Field(5.0, gt=0, le=300, description="Idle keep-alive connections close after")
+    http_max_header_bytes: int = Field(16_384, ge=1024, le=1 << 20, description="Request line + headers")
+    http_max_headers: int = Field(64, ge=8, le=1000, description="Header fields in one request")
+    ws_max_message_bytes: int = Field(
+        4096, ge=256, le=1 << 20, description="Largest message a client may send"
+    )
+    http_rate_per_s: float = Field(10.0, gt=0, le=100_000, description="Requests per second per client")
+    http_rate_burst: int = Field(60, ge=1, le=100_000, description="Requests a client may send at once")
+    http_local_networks: Annotated[tuple[str, ...], NoDecode] = Field(
+        ("127.0.0.0/8", "::1/128"),
+        description="Clients served /metrics and /docs, never rate-limited (unless through the tunnel)",
+    )
     build: str = Field("dev", max_length=100, description="Version and commit (set by the image)")
     models_dir: Path = Field(MODELS_DIR, description="Model registry (default: the models shipped inside)")
     history_days: int = Field(3, ge=2, le=300, description="Hourly history back-filled on first start")
@@ -44,9 +65,9 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["logfmt", "json"] = "logfmt"
 
-    @field_validator("products", mode="before")
+    @field_validator("products", "http_local_networks", mode="before")
     @classmethod
-    def _split_products(cls, value: object) -> object:
+    def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
             value = tuple(p.strip() for p in value.split(",") if p.strip())
         return value
@@ -61,6 +82,16 @@ class Settings(BaseSettings):
                 raise ValueError(f"{product!r} is not a Coinbase product id like BTC-USD")
         if len(set(value)) != len(value):
             raise ValueError("a product is listed twice")
+        return value
+
+    @field_validator("http_local_networks")
+    @classmethod
+    def _check_networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for network in value:
+            try:
+                ipaddress.ip_network(network)
+            except ValueError:
+                raise ValueError(f"{network!r} is not a network like 192.168.1.0/24") from None
         return value
 
     @field_validator("coinbase_ws_url")

@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from prometheus_client import REGISTRY
@@ -24,6 +24,9 @@ from appliance.features import CandleSeries
 from appliance.replay.tape import load_tape
 from appliance.settings import Settings
 from appliance.store import Store
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Playwright
 
 #: The private dockerd, registry and base image of the Docker tests: one of each per session.
 pytest_plugins = ["tests.dockerenv"]
@@ -46,6 +49,13 @@ def stop(proc: subprocess.Popen[Any], grace_s: float = 10) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(10)
+
+
+def chromium(pw: Playwright) -> Browser:
+    """Debian's Chromium, headless, with none of its own traffic (updates, sync, QUIC)."""
+    return pw.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium", args=[
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"])  # fmt: skip
 
 
 def free_port() -> int:

@@ -4,12 +4,11 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import httpx
@@ -27,14 +26,20 @@ from tests.conftest import (
     REPO,
     Broker,
     MqttWatcher,
+    chromium,
     free_port,
     replay_process,
 )
 
 
 @contextlib.contextmanager
-def running_up(data: Path, broker: Broker) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """Replay server + Mosquitto + ``python -m appliance up``, until every product has a prediction."""
+def running_up(
+    data: Path, broker: Broker, env: Mapping[str, str] | None = None, wrapper: Sequence[str] = ()
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Replay server + Mosquitto + ``python -m appliance up``, until every product has a prediction.
+
+    ``env`` adds settings; ``wrapper`` is a command that runs the appliance (``prlimit ...``).
+    """
     port = free_port()
     with replay_process(LIVE_MARKET_ARGS) as replay_port:
         env = os.environ | {
@@ -42,10 +47,10 @@ def running_up(data: Path, broker: Broker) -> Iterator[tuple[str, subprocess.Pop
             "CRYPTOPI_HTTP_PORT": str(port), "CRYPTOPI_MQTT_URL": broker.url,
             "CRYPTOPI_COINBASE_WS_URL": f"ws://127.0.0.1:{replay_port}",
             "CRYPTOPI_COINBASE_REST_URL": f"http://127.0.0.1:{replay_port}",
-        }  # fmt: skip
+        } | dict(env or {})  # fmt: skip
         log = (data / "up.log").open("wb")
-        proc = subprocess.Popen([sys.executable, "-m", "appliance", "up"], env=env, cwd=REPO, stdout=log,
-                                stderr=log)  # fmt: skip
+        proc = subprocess.Popen([*wrapper, sys.executable, "-m", "appliance", "up"], env=env, cwd=REPO,
+                                stdout=log, stderr=log)  # fmt: skip
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 90
         try:
@@ -244,9 +249,7 @@ def test_dashboard_in_a_real_browser_shows_live_predictions(appliance, tmp_path:
     url, *_ = appliance
     errors: list[str] = []
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium", args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"])  # fmt: skip
+        browser = chromium(pw)
         page = browser.new_page(viewport={"width": 1280, "height": 800})
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
         page.on("pageerror", lambda e: errors.append(str(e)))
