@@ -27,6 +27,8 @@ import websockets
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from appliance.api.edge import MAX_CLIENTS, TokenBuckets
+from appliance.settings import load_settings
 from tests.conftest import Broker, chromium
 from tests.test_up import running_up
 
@@ -35,6 +37,42 @@ MAX_CONNECTIONS = 100
 GROWTH_MB = 50  # issue #10: what one attack may cost in RSS
 PREDICT = "/api/predict?product=BTC-USD"
 TUNNEL = {"cf-connecting-ip": "203.0.113.7", "cf-ray": "8f1e2d3c4b5a6978-AMS"}  # as cloudflared forwards
+
+
+def test_token_buckets_allow_a_burst_then_the_rate_and_say_how_long_to_wait() -> None:
+    now = [0.0]
+    buckets = TokenBuckets(rate=10, burst=60, clock=lambda: now[0])
+    assert [buckets.take("a") for _ in range(60)] == [0.0] * 60
+    assert buckets.take("a") == pytest.approx(0.1)  # one token comes back every 0.1 s
+    assert buckets.take("b") == 0.0  # another client has its own bucket
+    now[0] += 0.25
+    assert [buckets.take("a") == 0.0 for _ in range(3)] == [True, True, False]
+    now[0] += 1000
+    assert [buckets.take("a") for _ in range(61)][-2:] == [
+        0.0,
+        pytest.approx(0.1),
+    ]  # refills to the burst only
+
+
+def test_token_buckets_remember_a_bounded_number_of_clients() -> None:
+    buckets = TokenBuckets(rate=1, burst=1, clock=lambda: 0.0)
+    buckets.take("first")
+    for i in range(MAX_CLIENTS):
+        buckets.take(str(i))
+    assert len(buckets._buckets) == MAX_CLIENTS
+    assert "first" not in buckets._buckets  # the least recently seen went first
+
+
+def test_bad_edge_settings_exit_2_naming_the_variable(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        load_settings(http_local_networks="127.0.0.0/8,192.168.1.0/33", ws_max_message_bytes=10)
+    assert exc.value.code == 2
+    out = capsys.readouterr().out
+    assert (
+        "CRYPTOPI_HTTP_LOCAL_NETWORKS: Value error, '192.168.1.0/33' is not a network like 192.168.1.0/24"
+        in out
+    )
+    assert "CRYPTOPI_WS_MAX_MESSAGE_BYTES" in out
 
 
 @dataclass

@@ -51,11 +51,12 @@ TARGETS: dict[str, float] = {
 HIGHER_IS_BETTER = {"predict_vs_trivial_throughput"}
 PRODUCTS = ("BTC-USD", "ETH-USD")
 HTTP_ROUNDS = 3
+WRK_S = 5  # seconds a round
 #: The HTTP servers compared: the appliance as it ships (uvicorn), and the same appliance on Granian.
 SERVERS = {"uvicorn": ["-m", "appliance", "up"], "granian": ["-m", "tests.bench.granian_up"]}
 
 
-def wrk(url: str, seconds: int = 5) -> dict[str, float]:
+def wrk(url: str, seconds: int) -> dict[str, float]:
     out = subprocess.run(["wrk", "-t2", "-c64", f"-d{seconds}s", "--latency", url], capture_output=True,
                          text=True, check=True).stdout  # fmt: skip
 
@@ -149,13 +150,17 @@ def appliance_process(
     broker: Broker,
     cpus: set[int],
     timings: dict[str, object],
+    device: str = "cryptopi",
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """The appliance (``command``) on ``cpus``, once every product has a prediction (times in ``timings``)."""
+    """The appliance (``command``) on ``cpus``, once every product has a prediction (times in ``timings``).
+
+    ``device``: its MQTT device id (two appliances on one broker must not share a client id).
+    """
     data.mkdir()
     port = free_port()
     env = os.environ | {
         "CRYPTOPI_DATA_DIR": str(data), "CRYPTOPI_HTTP_HOST": "127.0.0.1", "CRYPTOPI_HTTP_PORT": str(port),
-        "CRYPTOPI_MQTT_URL": broker.url, "CRYPTOPI_LOG_LEVEL": "WARNING",
+        "CRYPTOPI_MQTT_URL": broker.url, "CRYPTOPI_MQTT_DEVICE_ID": device, "CRYPTOPI_LOG_LEVEL": "WARNING",
         "CRYPTOPI_COINBASE_WS_URL": f"ws://127.0.0.1:{replay_port}",
         "CRYPTOPI_COINBASE_REST_URL": f"http://127.0.0.1:{replay_port}",
     }  # fmt: skip
@@ -182,16 +187,30 @@ def appliance_process(
         proc.wait(20)
 
 
-def http_rounds(urls: dict[str, str]) -> dict[str, dict[str, object]]:
-    """Alternating wrk rounds, /livez then /api/predict, on each server in turn: the medians and the rounds.
+def cpu_s(pid: int) -> float:
+    """CPU time (user + system, all threads) the process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def http_rounds(servers: dict[str, tuple[str, int]]) -> dict[str, dict[str, Any]]:
+    """Alternating wrk rounds, /livez then /api/predict, on each server (url, pid) in turn: medians, rounds.
 
     The market replay moves on underneath, so every endpoint and server sees the same background load.
+    Each round also reports the server's CPU time per request, which a busy machine disturbs far
+    less than throughput (a server with more threads also gets more of a shared core).
     """
-    rounds: dict[str, dict[str, list[dict[str, float]]]] = {s: {"livez": [], "api_predict": []} for s in urls}
+    paths = {"livez": "/livez", "api_predict": "/api/predict?product=BTC-USD&model=cnn"}
+    rounds: dict[str, dict[str, list[dict[str, float]]]] = {s: {e: [] for e in paths} for s in servers}
     for _ in range(HTTP_ROUNDS):
-        for server, url in urls.items():
-            rounds[server]["livez"].append(wrk(f"{url}/livez"))
-            rounds[server]["api_predict"].append(wrk(f"{url}/api/predict?product=BTC-USD&model=cnn"))
+        for server, (url, pid) in servers.items():
+            for endpoint, path in paths.items():
+                before = cpu_s(pid)
+                result = wrk(f"{url}{path}", WRK_S)
+                result["cpu_us_per_request"] = (
+                    (cpu_s(pid) - before) / (result["requests_per_s"] * WRK_S) * 1e6
+                )
+                rounds[server][endpoint].append(result)
     return {server: {"livez": median_of(r["livez"]), "api_predict": median_of(r["api_predict"]), "rounds": r}
             for server, r in rounds.items()}  # fmt: skip
 
@@ -207,9 +226,11 @@ def measure(out: Path, results: dict[str, Any], appliance_cpus: set[int], load_c
                 results["http"]["cpus"] = {"appliance": sorted(appliance_cpus), "load": sorted(load_cpus)}
                 servers: dict[str, Any] = {}
                 results["http_servers"] = servers
-                with appliance_process(SERVERS["granian"], Path(tmp) / "granian", replay_port, broker,
-                                       appliance_cpus, servers) as (granian_url, granian):  # fmt: skip
-                    servers.update(http_rounds({"uvicorn": url, "granian": granian_url}))
+                granian_up = appliance_process(SERVERS["granian"], Path(tmp) / "granian", replay_port, broker,
+                                               appliance_cpus, servers, device="granian")  # fmt: skip
+                with granian_up as (granian_url, granian):
+                    both = {"uvicorn": (url, proc.pid), "granian": (granian_url, granian.pid)}
+                    servers.update(http_rounds(both))
                     for name, pid in (("uvicorn", proc.pid), ("granian", granian.pid)):
                         servers[name]["rss_mb"] = rss_mb(pid)
         finally:
@@ -244,7 +265,7 @@ def measure_appliance(
         "p99": float(np.percentile(delays, 99)), "max": max(delays), "all": delays,
         "first_close_per_product": warmup,
     }  # fmt: skip
-    results["http"] = http_rounds({"uvicorn": url})["uvicorn"]
+    results["http"] = http_rounds({"uvicorn": (url, pid)})["uvicorn"]
     results["rss_mb"] = rss_mb(pid)
 
 
@@ -266,7 +287,9 @@ def report(out: Path, results: dict[str, Any]) -> bool:
 
     def line(label: str, r: dict[str, float]) -> str:
         errors = f"  ({r['non_2xx']:.0f} non-2xx)" if r["non_2xx"] else ""
-        times = f"p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms"
+        times = (
+            f"p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  CPU {r['cpu_us_per_request']:.0f} us/req"
+        )
         return f"{label:<18}{r['requests_per_s']:>8,.0f} req/s  {times}{errors}"
 
     print(f"64 connections, median of {HTTP_ROUNDS} rounds:")
