@@ -81,8 +81,11 @@ class Predictor:
     async def run(self) -> None:
         last_reload = time.monotonic()
         while True:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that
+            # arrives as the wake fires (a commit during shutdown), and the appliance never stops.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), timeout=5)
+                async with asyncio.timeout(5):
+                    await self.wake.wait()
             self.wake.clear()
             if time.monotonic() - last_reload >= RELOAD_EVERY_S:
                 self.inference.reload()

@@ -1,5 +1,6 @@
 """Serving: the shipped models through the appliance's own path reproduce training's hold-out figures."""
 
+import asyncio
 import json
 import shutil
 from pathlib import Path
@@ -75,3 +76,19 @@ def test_new_versions_swap_in_and_broken_ones_are_refused(tmp_path: Path) -> Non
     (tmp_path / "latest.json").write_text(json.dumps({"BTC-USD": 5}))
     assert not inference.reload()  # an unreadable pointer is logged, never raised
     assert "BTC-USD" in inference.serving
+
+
+async def test_the_predictor_stops_when_cancelled_as_it_is_woken(tmp_path: Path) -> None:
+    """A commit's wake and the shutdown's cancel in the same loop tick (SIGTERM under load): it stops."""
+    from appliance.predictor import Predictor
+    from appliance.store import Store
+
+    with Store(tmp_path / "db.sqlite3") as store:
+        predictor = Predictor(store, Inference(SHIPPED, ("BTC-USD",)))
+        task = asyncio.create_task(predictor.run())
+        await asyncio.sleep(0.01)
+        predictor.wake.set()
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=10)  # generous: a stuck task never finishes
+        assert done == {task}
+        assert task.cancelled()
