@@ -49,7 +49,7 @@ HTTP_LATENCY = Histogram(
 )  # fmt: skip
 HTTP_REFUSED = Counter(
     "cryptopi_http_refused_total",
-    "Requests and connections the HTTP edge refused, by reason (rate_limited, local_only, "
+    "Requests and connections the HTTP edge refused, by reason (rate_limited, local_only, too_many_streams, "
     "too_many_connections, idle_evicted, headers_too_large, too_many_headers, header_timeout)",
     ["reason"],
 )

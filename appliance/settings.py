@@ -49,6 +49,7 @@ class Settings(BaseSettings):
     )
     http_rate_per_s: float = Field(10.0, gt=0, le=100_000, description="Requests per second per client")
     http_rate_burst: int = Field(60, ge=1, le=100_000, description="Requests a client may send at once")
+    http_streams_per_client: int = Field(8, ge=1, le=10_000, description="Open /api/stream per public client")
     http_local_networks: Annotated[tuple[str, ...], NoDecode] = Field(
         ("127.0.0.0/8", "::1/128"),
         description="Clients served /metrics and /docs, never rate-limited (unless through the tunnel)",

@@ -336,6 +336,36 @@ def test_the_dashboard_through_the_tunnel_is_never_throttled(edge: Appliance) ->
     assert '"snapshot"' in asyncio.run(stream())
 
 
+def test_one_visitor_holds_at_most_8_streams(edge: Appliance) -> None:
+    """Behind the tunnel every connection is cloudflared's: one visitor must not fill the connection cap."""
+    visitor = TUNNEL | {"cf-connecting-ip": "198.51.100.80"}
+    url = f"ws://127.0.0.1:{edge.port}/api/stream"
+
+    async def snapshot(ws: websockets.ClientConnection) -> str:
+        return str(await asyncio.wait_for(ws.recv(), 20))
+
+    async def streams() -> tuple[int, str]:
+        async with contextlib.AsyncExitStack() as stack:
+            for _ in range(8):
+                await snapshot(
+                    await stack.enter_async_context(websockets.connect(url, additional_headers=visitor))
+                )
+            with pytest.raises(websockets.InvalidStatus) as refused:
+                await websockets.connect(url, additional_headers=visitor)
+            other = TUNNEL | {"cf-connecting-ip": "198.51.100.81"}
+            async with websockets.connect(url, additional_headers=other) as ws:
+                return refused.value.response.status_code, await snapshot(ws)
+
+    async def again() -> str:  # the eight closed: the visitor may stream again
+        async with websockets.connect(url, additional_headers=visitor) as ws:
+            return await snapshot(ws)
+
+    status, other_snapshot = asyncio.run(streams())
+    assert status == 403
+    assert '"snapshot"' in other_snapshot  # another visitor still gets the stream
+    assert '"snapshot"' in asyncio.run(again())
+
+
 @pytest.mark.parametrize(
     "path", ["/metrics", "/docs", "/redoc", "/openapi.json", "/docs/assets/swagger-ui.css"]
 )

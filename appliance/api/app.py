@@ -38,8 +38,10 @@ def create_app(state: AppState) -> FastAPI:
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_middleware(Timed)
+    # Outermost: a refusal costs nothing more.
     app.add_middleware(Edge, local_networks=settings.http_local_networks, rate_per_s=settings.http_rate_per_s,
-                       burst=settings.http_rate_burst)  # fmt: skip  # outermost: a refusal costs nothing more
+                       burst=settings.http_rate_burst,
+                       streams_per_client=settings.http_streams_per_client)  # fmt: skip
     return app
 
 

@@ -8,7 +8,9 @@ internet from the Pi itself. What does is the headers cloudflared adds (``Cf-Con
   rate-limited (the bench, the container health check, Prometheus on the Pi).
 * anyone else is limited per client: the tunnel's ``Cf-Connecting-Ip`` when the peer is loopback (the
   local cloudflared; from any other peer the header is a client's claim and ignored), else the peer.
-  ``/metrics``, ``/docs``, ``/redoc`` and ``/openapi.json`` answer them 403.
+  ``/metrics``, ``/docs``, ``/redoc`` and ``/openapi.json`` answer them 403, and each may hold only
+  so many streams open (behind the tunnel every connection comes from cloudflared, so the server's
+  connection cap alone would let one visitor's streams lock everyone else out).
 
 A token bucket per client, in one dict on the one event loop: no lock, no timer thread (which is
 what the ``limits`` package's memory storage brings), and one dict look-up per request instead of a
@@ -60,9 +62,12 @@ class TokenBuckets:
 class Edge:
     """The ASGI middleware in front of every route (HTTP and WebSocket)."""
 
-    def __init__(self, app: ASGIApp, *, local_networks: Sequence[str], rate_per_s: float, burst: int) -> None:
+    def __init__(self, app: ASGIApp, *, local_networks: Sequence[str], rate_per_s: float, burst: int,
+                 streams_per_client: int) -> None:  # fmt: skip
         self.app = app
         self.buckets = TokenBuckets(rate_per_s, burst)
+        self.streams_per_client = streams_per_client
+        self.streams: dict[str, int] = {}  # open WebSockets per public client
         networks = tuple(ipaddress.ip_network(n) for n in local_networks)
         self.refusals = ThrottledLog(log)
 
@@ -105,7 +110,19 @@ class Edge:
                               f"(bursts of {self.buckets.burst:g}); retry in {retry} s",
                               [(b"retry-after", str(retry).encode())])  # fmt: skip
             return
-        await self.app(scope, receive, send)
+        if scope["type"] == "http":
+            await self.app(scope, receive, send)
+            return
+        if self.streams.get(client, 0) >= self.streams_per_client:
+            await self.refuse(scope, send, 403, "too_many_streams", client,
+                              f"at most {self.streams_per_client} streams per client")  # fmt: skip
+            return
+        self.streams[client] = self.streams.get(client, 0) + 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if (left := self.streams.pop(client) - 1) > 0:
+                self.streams[client] = left
 
     async def refuse(self, scope: Scope, send: Send, status: int, reason: str, client: str, detail: str,
                      headers: list[tuple[bytes, bytes]] | None = None) -> None:  # fmt: skip
