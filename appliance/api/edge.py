@@ -1,4 +1,4 @@
-"""Who is asking: the tunnel rule, the local-only paths and per-client rate limits (plain ASGI).
+"""Who is asking: the tunnel rule, the local-only paths, per-client rate and stream limits (plain ASGI).
 
 cloudflared runs on the Pi and connects from 127.0.0.1, so the peer address alone cannot tell the
 internet from the Pi itself. What does is the headers cloudflared adds (``Cf-Connecting-Ip``, ``Cf-Ray``,
