@@ -51,3 +51,9 @@ HTTP_LATENCY = Histogram(
     "cryptopi_http_request_seconds", "HTTP request latency by route", ["route"],
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )  # fmt: skip
+HTTP_REFUSED = Counter(
+    "cryptopi_http_refused_total",
+    "Requests and connections the HTTP edge refused, by reason (rate_limited, local_only, too_many_streams, "
+    "too_many_connections, idle_evicted, headers_too_large, too_many_headers, header_timeout)",
+    ["reason"],
+)

@@ -12,9 +12,8 @@ import asyncio
 import gc
 import logging
 
-import uvicorn
-
 from appliance.api.app import create_app
+from appliance.api.server import http_server
 from appliance.api.state import AppState
 from appliance.api.stream import Hub, LiveEvents
 from appliance.candles import HOUR
@@ -77,10 +76,7 @@ async def up(settings: Settings) -> None:
         # Everything loaded so far (models, libraries, the app) lives as long as the process: out of
         # the collector's sight, a full collection takes a few ms instead of tens, mid-request.
         gc.freeze()
-        server = uvicorn.Server(uvicorn.Config(
-            app, host=settings.http_host, port=settings.http_port, log_config=None, access_log=False,
-            lifespan="off", proxy_headers=False,  # nothing here reads the client address
-        ))  # fmt: skip
+        server = http_server(app, settings)
         # uvicorn takes SIGINT/SIGTERM while serving, shuts down, then re-raises them: the server
         # finishing is what stops every other part.
         parts = (server.serve([http_socket]), ingester.run(), predictor.run(), history.run())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import socket
 from pathlib import Path
@@ -53,6 +54,27 @@ class Settings(BaseSettings):
         None, description="Where users reach the dashboard (Home Assistant links to it); "
         "default http://<host>:<port>/ from the HTTP settings"
     )  # fmt: skip
+    # The HTTP edge (appliance/api/server.py, appliance/api/edge.py): what any one client can cost.
+    http_max_connections: int = Field(
+        800,
+        ge=1,
+        le=60_000,
+        description="Open connections (HTTP and WebSocket); past it idle ones give way, or 503",
+    )
+    http_header_timeout_s: float = Field(10.0, gt=0, le=300, description="Time to send a request's headers")
+    http_keepalive_s: float = Field(5.0, gt=0, le=300, description="Idle keep-alive connections close after")
+    http_max_header_bytes: int = Field(16_384, ge=1024, le=1 << 20, description="Request line + headers")
+    http_max_headers: int = Field(64, ge=8, le=1000, description="Header fields in one request")
+    ws_max_message_bytes: int = Field(
+        4096, ge=256, le=1 << 20, description="Largest message a client may send"
+    )
+    http_rate_per_s: float = Field(10.0, gt=0, le=100_000, description="Requests per second per client")
+    http_rate_burst: int = Field(60, ge=1, le=100_000, description="Requests a client may send at once")
+    http_streams_per_client: int = Field(8, ge=1, le=10_000, description="Open /api/stream per public client")
+    http_local_networks: Annotated[tuple[str, ...], NoDecode] = Field(
+        ("127.0.0.0/8", "::1/128"),
+        description="Clients served /metrics and /docs, never rate-limited (unless through the tunnel)",
+    )
     build: str = Field("dev", max_length=100, description="Version and commit (set by the image)")
     models_dir: Path = Field(
         MODELS_DIR, description="Model registry to serve from (the default is the one shipped inside)"
@@ -71,9 +93,9 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="DEBUG, INFO, ...")
     log_format: Literal["logfmt", "json"] = Field("logfmt", description="logfmt or json, on stderr")
 
-    @field_validator("products", mode="before")
+    @field_validator("products", "http_local_networks", mode="before")
     @classmethod
-    def _split_products(cls, value: object) -> object:
+    def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
             value = tuple(p.strip() for p in value.split(",") if p.strip())
         return value
@@ -98,6 +120,16 @@ class Settings(BaseSettings):
     def product_patterns(self) -> tuple[str, ...]:
         """The entries of ``products`` that are patterns (resolved at start: :mod:`appliance.products`)."""
         return tuple(p for p in self.products if not re.match(PRODUCT_PATTERN, p))
+
+    @field_validator("http_local_networks")
+    @classmethod
+    def _check_networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for network in value:
+            try:
+                ipaddress.ip_network(network)
+            except ValueError:
+                raise ValueError(f"{network!r} is not a network like 192.168.1.0/24") from None
+        return value
 
     @field_validator("coinbase_ws_url")
     @classmethod

@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -25,6 +25,9 @@ from appliance.features import CandleSeries
 from appliance.replay.tape import load_tape
 from appliance.settings import Settings
 from appliance.store import Store
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Playwright
 
 #: The private dockerd, registry and base image of the Docker tests, and the real Home Assistant: one of
 #: each per session.
@@ -53,6 +56,13 @@ def stop(proc: subprocess.Popen[Any], grace_s: float = 10) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(10)
+
+
+def chromium(pw: Playwright) -> Browser:
+    """Debian's Chromium, headless, with none of its own traffic (updates, sync, QUIC)."""
+    return pw.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium", args=[
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"])  # fmt: skip
 
 
 def free_port() -> int:
@@ -315,11 +325,12 @@ def appliance_up(
     replay_port: int,
     port: int | None = None,
     ready: Callable[[dict[str, Any]], bool] = all_predicting,
+    wrapper: Sequence[str] = (),
     **settings: str,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """``python -m appliance up`` on a replay server (and Mosquitto), until ``ready(/health)``: by
     default, until every product has a prediction. ``settings`` are more CRYPTOPI_* variables (by field
-    name).
+    name); ``wrapper`` is a command that runs the appliance (``prlimit ...``).
 
     Its API listens on ``port`` (a free one by default). The log goes on in ``data/up.log`` across
     restarts; whatever is still running is killed at the end.
@@ -334,8 +345,8 @@ def appliance_up(
         f"CRYPTOPI_{name.upper()}": value for name, value in settings.items()
     }  # fmt: skip
     log = (data / "up.log").open("ab")
-    proc = subprocess.Popen([sys.executable, "-m", "appliance", "up"], env=env, cwd=REPO, stdout=log,
-                            stderr=log)  # fmt: skip
+    proc = subprocess.Popen([*wrapper, sys.executable, "-m", "appliance", "up"], env=env, cwd=REPO,
+                            stdout=log, stderr=log)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     try:
@@ -362,11 +373,12 @@ def running_up(
     broker: Broker | None,
     market: Sequence[str] = LIVE_MARKET_ARGS,
     ready: Callable[[dict[str, Any]], bool] = all_predicting,
+    wrapper: Sequence[str] = (),
     **settings: str,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """Replay server (+ Mosquitto) + ``python -m appliance up``, until ``ready(/health)``."""
     with (
         replay_process(market) as replay_port,
-        appliance_up(data, broker, replay_port, None, ready, **settings) as up,
+        appliance_up(data, broker, replay_port, None, ready, wrapper, **settings) as up,
     ):
         yield up

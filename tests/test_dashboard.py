@@ -4,7 +4,6 @@ Every request that is not to the appliance on 127.0.0.1 is blocked and recorded:
 with no internet. Screenshots go to each test's tmp dir (``dashboard-<width>.png``).
 """
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,11 +12,8 @@ from urllib.parse import urlsplit
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
-from tests.conftest import free_port, running_up
+from tests.conftest import chromium, free_port, running_up
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run",
-                 "--disable-quic"]  # fmt: skip
 PAST = 4  # past predictions per model the chart must show before it is judged
 
 #: Per model, how many of its past predictions (target candle closed) are drawn as a point and inside a
@@ -72,8 +68,7 @@ def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     with sync_playwright() as pw:
-        chromium = shutil.which("chromium") or "/usr/bin/chromium"
-        b = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        b = chromium(pw)
         yield b
         b.close()
 

@@ -181,3 +181,16 @@ async def test_new_versions_are_checked_off_the_event_loop(monkeypatch: pytest.M
         with contextlib.suppress(asyncio.CancelledError):
             await task
     assert threads[0] is not threading.main_thread()
+
+
+async def test_the_predictor_stops_when_cancelled_as_it_is_woken(tmp_path: Path) -> None:
+    """A commit's wake and the shutdown's cancel in the same loop tick (SIGTERM under load): it stops."""
+    with Store(tmp_path / "db.sqlite3") as store:
+        predictor = Predictor(store, Inference(SHIPPED, ("BTC-USD",)))
+        task = asyncio.create_task(predictor.run())
+        await asyncio.sleep(0.01)
+        predictor.wake.set()
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=10)  # generous: a stuck task never finishes
+        assert done == {task}
+        assert task.cancelled()

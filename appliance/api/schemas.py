@@ -12,6 +12,7 @@ from appliance.candles import PRODUCT_PATTERN, CandleRow
 from appliance.health import Problem
 from appliance.predictions import PredictionRow
 
+MODEL_PATTERN = r"^[a-z0-9_]{1,32}$"
 ProductPath = Annotated[str, Path(pattern=PRODUCT_PATTERN, examples=["BTC-USD"])]
 
 
@@ -23,7 +24,7 @@ class Interval(BaseModel):
 
 class PredictQuery(BaseModel):
     product: str = Field(pattern=PRODUCT_PATTERN, examples=["BTC-USD"])
-    model: str = Field("cnn", pattern=r"^[a-z0-9_]{1,32}$")
+    model: str = Field("cnn", pattern=MODEL_PATTERN)
     at: str | None = Field(None, description="ISO-8601, epoch seconds or 'now' (default: latest)")
     level: float = Field(0.8, description="Interval level: 0.8 or 0.95")
 

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from appliance.api.errors import ERRORS
-from appliance.api.schemas import AccuracyOut, ProductPath
+from appliance.api.schemas import MODEL_PATTERN, AccuracyOut, ProductPath
 from appliance.api.state import State
 from appliance.predictor import scores
 
@@ -19,7 +19,7 @@ HORIZON = "Only the predictions of this horizon, in seconds (default: every hori
 async def accuracy(
     product: ProductPath,
     state: State,
-    model: Annotated[str | None, Query(pattern=r"^[a-z0-9_]{1,32}$")] = None,
+    model: Annotated[str | None, Query(pattern=MODEL_PATTERN)] = None,
     window: Annotated[int, Query(ge=1, le=10_000, description="Newest predictions scored")] = 168,
     granularity: Annotated[int | None, Query(ge=60, le=86_400, description=HORIZON)] = None,
 ) -> list[AccuracyOut]:

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from functools import lru_cache
 
 from fastapi import APIRouter, HTTPException, Request, Response
 from pydantic import ValidationError
 
-from appliance.api.errors import ERRORS, validation_message
+from appliance.api.errors import ERRORS, query_time, sentence
 from appliance.api.schemas import PredictionResult, PredictQuery, ProductPath, query_parameters
 from appliance.api.state import AppState, State
-from appliance.candles import parse_time
 from appliance.predictions import PredictionRow
 
 router = APIRouter(tags=["predictions"])
@@ -34,24 +34,24 @@ async def predict(request: Request) -> Response:
     try:
         query = PredictQuery.model_validate(request.query_params)
     except ValidationError as exc:
-        raise HTTPException(422, validation_message(exc)) from None
+        raise HTTPException(422, sentence(exc.errors())) from None
     product, model, at, level = query.product, query.model, query.at, query.level
     state.known(product)
     if level not in (0.8, 0.95):
-        raise HTTPException(422, f"level must be 0.8 or 0.95, not {level}")
-    when = None
-    if at is not None and at != "now":
-        try:
-            when = parse_time(at)
-        except ValueError as exc:
-            raise HTTPException(422, f"at: {exc}") from None
+        raise HTTPException(422, f"level: 0.8 or 0.95, not {level}")
+    when = query_time("at", at) if at is not None and at != "now" else None
     state.known_model(product, model)
     kept = state.latest.get((product, model)) if when is None else None
     rows = [kept] if kept else state.reader.predictions(product, model=model, at=when, limit=1)
     if not rows:
         if when is not None:
-            raise HTTPException(404, f"no {product} {model} prediction at or before {at}")
+            raise HTTPException(404, f"at: no {product} {model} prediction at or before {at}")
         raise HTTPException(503, f"no {product} prediction yet: {state.predictor.missing.get(product)}")
+    if when is not None and when >= rows[0].target_time:
+        # The newest prediction before ``at`` is for a candle that closed by then: none is in force.
+        until = datetime.fromtimestamp(rows[0].target_time, UTC)
+        raise HTTPException(404, f"at: no {product} {model} prediction in force at {at}; the newest "
+                                 f"before it is for {until:%Y-%m-%dT%H:%M:%SZ}")  # fmt: skip
     age = state.data_age_s(product)
     stale = state.stale(product)
     tail = f'{"null" if age is None else age},"stale":{"null" if stale is None else json.dumps(stale)}}}'

@@ -25,6 +25,15 @@ def snapshot(state: AppState) -> Event:
     return snapshot_event(series)
 
 
+async def send(ws: WebSocket, event: Event) -> None:
+    try:
+        await ws.send_json(event)
+    except RuntimeError as exc:
+        # uvicorn's answer to a send after a close it sent itself (a client message over the size
+        # limit, a shutdown) that this handler has not read yet: the client is gone all the same.
+        raise WebSocketDisconnect(1006) from exc
+
+
 @router.websocket("/api/stream")
 async def stream(ws: WebSocket) -> None:
     """A snapshot (per product and horizon: recent candles and the predictions made over them), then
@@ -36,7 +45,7 @@ async def stream(ws: WebSocket) -> None:
     # must end this handler at once, not at the next event.
     incoming = asyncio.ensure_future(ws.receive())
     try:
-        await ws.send_json(snapshot(state))
+        await send(ws, snapshot(state))
         while True:
             event = asyncio.ensure_future(queue.get())
             await asyncio.wait({event, incoming}, return_when=asyncio.FIRST_COMPLETED)
@@ -46,9 +55,9 @@ async def stream(ws: WebSocket) -> None:
                     return
                 incoming = asyncio.ensure_future(ws.receive())  # clients have nothing to say: ignored
                 if not event.cancelled() and event.done():
-                    await ws.send_json(event.result())
+                    await send(ws, event.result())
                 continue
-            await ws.send_json(event.result())
+            await send(ws, event.result())
     except WebSocketDisconnect:
         pass
     finally:
