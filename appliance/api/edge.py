@@ -2,9 +2,10 @@
 
 cloudflared runs on the Pi and connects from 127.0.0.1, so the peer address alone cannot tell the
 internet from the Pi itself. What does is the headers cloudflared adds (``Cf-Connecting-Ip``, ``Cf-Ray``,
-...): a request carrying any ``Cf-*`` header came through the tunnel. So:
+...): a request carrying any ``Cf-*`` header (or another proxy's, :mod:`appliance.helpers.local_only`)
+came through the tunnel. So:
 
-* *local*: a peer in ``CRYPTOPI_HTTP_LOCAL_NETWORKS`` and no ``Cf-*`` header. Served everything, never
+* *local*: a peer in ``CRYPTOPI_HTTP_LOCAL_NETWORKS`` and no proxy header. Served everything, never
   rate-limited (the bench, the container health check, Prometheus on the Pi).
 * anyone else is limited per client: the tunnel's ``Cf-Connecting-Ip`` when the peer is loopback (the
   local cloudflared; from any other peer the header is a client's claim and ignored), else the peer.
@@ -29,6 +30,7 @@ from functools import lru_cache
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from appliance.helpers.local_only import proxy_header
 from appliance.logs import ThrottledLog
 from appliance.metrics import HTTP_REFUSED
 
@@ -89,7 +91,7 @@ class Edge:
         forwarded_for = None
         tunnel = False
         for name, value in scope["headers"]:
-            if name[:3] == b"cf-":
+            if proxy_header(name):  # the one rule the webhook follows too
                 tunnel = True
                 if name == b"cf-connecting-ip":
                     forwarded_for = value.decode("latin-1")

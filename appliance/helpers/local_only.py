@@ -20,16 +20,18 @@ from collections.abc import Callable, Sequence
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-#: Headers that say a request came through a proxy: Cloudflare's own, then the generic ones.
-TUNNEL_HEADERS = frozenset({
-    b"cf-connecting-ip", b"cf-connecting-ipv6", b"cf-ray", b"cf-ipcountry", b"cf-visitor", b"cf-warp-tag-id",
-    b"cf-access-jwt-assertion", b"cdn-loop", b"x-forwarded-for", b"forwarded",
-})  # fmt: skip
+#: Headers that say a request came through a proxy, beside Cloudflare's own ``Cf-*`` ones.
+PROXY_HEADERS = frozenset({b"cdn-loop", b"x-forwarded-for", b"forwarded"})
+
+
+def proxy_header(name: bytes) -> bool:
+    """Whether a header (an ASGI name, lower case) is one only a proxy (the tunnel) adds."""
+    return name[:3] == b"cf-" or name in PROXY_HEADERS
 
 
 def through_tunnel(scope: Scope) -> bool:
     """Whether an ASGI request carries a header only a proxy (the tunnel) adds."""
-    return any(name.lower() in TUNNEL_HEADERS for name, _ in scope.get("headers", ()))
+    return any(proxy_header(name) for name, _ in scope.get("headers", ()))
 
 
 class LocalOnly:
