@@ -36,11 +36,11 @@ LAST_TRADE_TIME = Gauge(
 MODEL_INFO = Gauge("cryptopi_model_info", "Model versions serving (value 1)", ["product", "model", "version"])
 MODEL_REFUSED = Counter("cryptopi_model_refused_total", "Registry versions refused, by product", ["product"])
 REALIZED_MAE = Gauge(
-    "cryptopi_realized_mae", "Rolling MAE of realized predictions (persistence as model=persistence)",
-    ["product", "model"],
+    "cryptopi_realized_mae", "Rolling MAE of realized predictions, by product, horizon (s) and model",
+    ["product", "granularity", "model"],
 )  # fmt: skip
 COVERAGE_80 = Gauge("cryptopi_realized_coverage_80", "Share of realized closes inside the 80% interval",
-                    ["product", "model"])  # fmt: skip
+                    ["product", "granularity", "model"])  # fmt: skip
 MQTT_CONNECTED = Gauge("cryptopi_mqtt_connected", "1 while connected to the MQTT broker")
 MQTT_PUBLISHED = Counter(
     "cryptopi_mqtt_published_total",

@@ -109,8 +109,8 @@ class MqttPublisher:
         ca_file: str | None = None,
         configuration_url: str | None = None,
         live_price_gap_s: float = LIVE_PRICE_GAP_S,
-        models_of: Callable[[str], list[str]] = lambda product: [],
-        accuracy: Mapping[tuple[str, str], dict[str, float | None]] | None = None,
+        models_of: Callable[[str, int], list[str]] = lambda product, granularity: [],
+        accuracy: Mapping[tuple[str, int, str], dict[str, float | None]] | None = None,
         live_prices: Callable[[], Mapping[str, float]] = dict,
         health: Conditions | None = None,
     ) -> None:
@@ -124,7 +124,7 @@ class MqttPublisher:
         self.feed_topic = f"cryptopi/{self.device}/feed"
         self.models: dict[tuple[str, int], list[str]] = {}
         self.models_of = models_of  # which models serve a product (announced as sensors)
-        self.accuracy = accuracy if accuracy is not None else {}  # rolling accuracy per (product, model)
+        self.accuracy = accuracy if accuracy is not None else {}  # per (product, granularity, model)
         self.live_prices = live_prices  # the newest trade's price per product
         self._latest: dict[str, str] = {self.feed_topic: "OFF"}  # topic -> payload, re-sent on every connect
         self._prices: dict[str, float] = {}  # product -> newest live price, sent or not
@@ -175,7 +175,7 @@ class MqttPublisher:
     def on_predictions(self, rows: list[PredictionRow]) -> None:
         """New predictions: announce their products' models if they changed, then publish them."""
         for product, granularity in {(r.product, r.granularity) for r in rows}:
-            self.set_models(product, granularity, self.models_of(product))
+            self.set_models(product, granularity, self.models_of(product, granularity))
         self.publish(rows)
 
     def on_commit(self) -> None:
@@ -186,7 +186,8 @@ class MqttPublisher:
     def publish(self, rows: list[PredictionRow]) -> None:
         for row in rows:
             topic = self.topic(row.product, row.granularity, row.model)
-            payload = json.dumps(prediction_payload(row, self.accuracy.get((row.product, row.model))))
+            accuracy = self.accuracy.get((row.product, row.granularity, row.model))
+            payload = json.dumps(prediction_payload(row, accuracy))
             self._send(topic, payload, "prediction")
 
     def publish_live_price(self, product: str, price: float) -> None:

@@ -18,10 +18,9 @@ from appliance.api.state import AppState
 from appliance.api.stream import Hub, LiveEvents
 from appliance.candles import HOUR
 from appliance.coinbase.rest import CoinbaseRest
-from appliance.features import WINDOW
 from appliance.health import Conditions
 from appliance.helpers.net import listen
-from appliance.history import HistoryKeeper
+from appliance.history import HistoryKeeper, candles_needed
 from appliance.inference import Inference
 from appliance.ingest import Ingester
 from appliance.mqtt import MqttPublisher
@@ -41,13 +40,13 @@ async def up(settings: Settings) -> None:
         settings = await resolve_settings(settings, rest)
     store = Store(settings.db_path)
     reader = Store(settings.db_path, readonly=True)
-    inference = Inference(settings.models_dir, settings.products, health=health)
+    inference = Inference(settings.models_dir, settings.products, settings.horizons, health)
     inference.reload()
     predictor = Predictor(store, inference)
     async with CoinbaseRest.from_settings(settings, health) as rest:
         ingester = Ingester(settings, store, rest, health=health)
-        history = HistoryKeeper(store, rest, settings.products, max(WINDOW, settings.history_days * 24),
-                                on_filled=predictor.wake.set, health=health)  # fmt: skip
+        needs = candles_needed(settings.horizons, settings.history_days)
+        history = HistoryKeeper(store, rest, settings.products, needs, predictor.wake.set, health)
         hub = Hub()
         live = LiveEvents(hub, store, settings.products)
         ingester.listeners += [predictor.wake.set, history.wake, live.on_commit]
@@ -67,7 +66,8 @@ async def up(settings: Settings) -> None:
             ingester.listeners.append(publisher.on_commit)
             ingester.feed_listeners.append(publisher.set_feed_connected)
             for product in settings.products:  # what is known already, before the next close
-                predictor.score(product)
+                for g in settings.horizons:
+                    predictor.score(product, g)
                 publisher.on_predictions(store.latest_predictions(product))
                 if (newest := store.newest_trade_candle(product, HOUR)) is not None:
                     publisher.publish_live_price(product, newest.close)

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from appliance.candles import PRODUCT_PATTERN
+from appliance.candles import HORIZONS, PRODUCT_PATTERN
 from appliance.helpers.config import check_url, load
 
 MODELS_DIR = Path(__file__).parent / "models"
@@ -80,6 +80,9 @@ class Settings(BaseSettings):
         MODELS_DIR, description="Model registry to serve from (the default is the one shipped inside)"
     )
     history_days: int = Field(3, ge=2, le=300, description="Hourly history back-filled on first start")
+    horizons: Annotated[tuple[int, ...], NoDecode] = Field(
+        (3600, 900), description="Candle lengths predicted, in seconds, comma-separated: 3600 and/or 900"
+    )
     mqtt_url: str | None = Field(
         None, description="mqtt://[user:pass@]host[:port] or mqtts://…; off if unset"
     )
@@ -98,6 +101,23 @@ class Settings(BaseSettings):
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
             value = tuple(p.strip() for p in value.split(",") if p.strip())
+        return value
+
+    @field_validator("horizons", mode="before")
+    @classmethod
+    def _split_horizons(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                value = tuple(int(g) for g in value.split(",") if g.strip())
+            except ValueError:
+                raise ValueError("comma-separated seconds, e.g. 3600,900") from None
+        return value
+
+    @field_validator("horizons")
+    @classmethod
+    def _check_horizons(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value or len(set(value)) != len(value) or not set(value) <= set(HORIZONS):
+            raise ValueError(f"one or more of {', '.join(map(str, HORIZONS))}, each once")
         return value
 
     @field_validator("products")

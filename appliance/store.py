@@ -72,6 +72,30 @@ MIGRATIONS: tuple[str, ...] = (
     ) WITHOUT ROWID;
     CREATE INDEX predictions_unrealized ON predictions (product, target_time) WHERE realized_close IS NULL;
     """,
+    # 3: a prediction per horizon too: an hourly close is also a 15-minute close, so the key needs the
+    # granularity (before it, the second horizon's prediction of the same close was dropped).
+    """
+    CREATE TABLE predictions_by_horizon (
+        product TEXT NOT NULL,
+        model TEXT NOT NULL,
+        as_of INTEGER NOT NULL,
+        model_version TEXT NOT NULL,
+        granularity INTEGER NOT NULL,
+        target_time INTEGER NOT NULL,
+        last_close REAL NOT NULL,
+        predicted_close REAL NOT NULL,
+        lower_80 REAL NOT NULL, upper_80 REAL NOT NULL,
+        lower_95 REAL NOT NULL, upper_95 REAL NOT NULL,
+        created_at REAL NOT NULL,
+        realized_close REAL,
+        PRIMARY KEY (product, granularity, model, as_of)
+    ) WITHOUT ROWID;
+    INSERT INTO predictions_by_horizon SELECT * FROM predictions;
+    DROP TABLE predictions;
+    ALTER TABLE predictions_by_horizon RENAME TO predictions;
+    CREATE INDEX predictions_unrealized ON predictions (product, granularity, target_time)
+        WHERE realized_close IS NULL;
+    """,
 )
 
 CandleSource = Literal["trades", "history"]
@@ -340,20 +364,19 @@ class Store:
             args.append(limit)
         return [PredictionRow(*row) for row in self._db.execute(sql, args)]
 
-    def prediction_granularities(self, product: str) -> list[int]:
-        """The candle lengths (horizons) a product has predictions at, shortest first."""
-        sql = "SELECT DISTINCT granularity FROM predictions WHERE product = ? ORDER BY granularity"
-        return [g for (g,) in self._db.execute(sql, (product,))]
-
-    def latest_predictions(self, product: str) -> list[PredictionRow]:
-        """The newest prediction of every model of a product."""
+    def latest_predictions(self, product: str, granularity: int | None = None) -> list[PredictionRow]:
+        """The newest prediction of every model of a product (at one horizon, or at each)."""
+        where = "product = ?" + (" AND granularity = ?" if granularity is not None else "")
+        args = (product, granularity) if granularity is not None else (product,)
         rows = self._db.execute(
-            """
+            f"""
             SELECT p.* FROM predictions AS p JOIN (
-                SELECT model, max(as_of) AS as_of FROM predictions WHERE product = ? GROUP BY model
-            ) AS newest USING (model, as_of) WHERE p.product = ? ORDER BY p.model
+                SELECT granularity, model, max(as_of) AS as_of FROM predictions WHERE {where}
+                GROUP BY granularity, model
+            ) AS newest USING (granularity, model, as_of)
+            WHERE p.product = ? ORDER BY p.granularity DESC, p.model
             """,
-            (product, product),
+            (*args, product),
         )
         return [PredictionRow(*row) for row in rows]
 
@@ -361,9 +384,9 @@ class Store:
         """Record the realized close of predicted candles (keyed by candle start) that have closed."""
         with self._transaction() as db:
             cur = db.executemany(
-                "UPDATE predictions SET realized_close = ? WHERE product = ? AND target_time = ?"
-                " AND realized_close IS NULL",
-                [(close, product, start + granularity) for start, close in closes.items()],
+                "UPDATE predictions SET realized_close = ? WHERE product = ? AND granularity = ?"
+                " AND target_time = ? AND realized_close IS NULL",
+                [(close, product, granularity, start + granularity) for start, close in closes.items()],
             )
         return cur.rowcount
 

@@ -108,17 +108,19 @@ def test_chart_shows_past_predictions_and_bands_against_the_closes(
     visit = Visit(browser, appliance, width, height)
     page = visit.page
     try:
-        for product in ("BTC-USD", "ETH-USD"):
-            page.wait_for_function(ENOUGH_PAST, arg=[product, 3600], timeout=60_000)
-            drawn = page.evaluate(DRAWN, [product, 3600])
+        for product, g in ((p, g) for p in ("BTC-USD", "ETH-USD") for g in (3600, 900)):
+            page.wait_for_function(ENOUGH_PAST, arg=[product, g], timeout=60_000)
+            drawn = page.evaluate(DRAWN, [product, g])
             assert sorted(drawn["buttons"]) == ["cnn", "lasso", "persistence"], drawn
             assert drawn["pressed"] == ["false"] * 3, "the legend toggles models off"
             assert drawn["closes"] >= 40, "the realized closes of the last 48 candles"
             for model, seen in drawn["models"].items():
-                assert seen["past"] >= PAST, (model, seen)
-                assert seen["points"] == seen["past"], f"{product} {model}: not every past prediction {seen}"
-                assert seen["bands"] == seen["past"], f"{product} {model}: not every 80 % band {seen}"
-            row = page.locator(f'.card[data-product="{product}"] tr[data-model="cnn"]')
+                what = f"{product} {g}s {model}"
+                assert seen["past"] >= PAST, (what, seen)
+                assert seen["points"] == seen["past"], f"{what}: not every past prediction {seen}"
+                assert seen["bands"] == seen["past"], f"{what}: not every 80 % band {seen}"
+            horizon = page.locator(f'.card[data-product="{product}"] .horizon[data-granularity="{g}"]')
+            row = horizon.locator('tr[data-model="cnn"]')
             assert row.locator(".predicted").inner_text().replace(",", "").replace(".", "").isdigit()
             mae = row.locator(".mae")
             scored = int(mae.locator(".sub").inner_text().removeprefix("n = "))
@@ -166,7 +168,7 @@ def test_no_data_says_waiting_and_shows_what_is_wrong(tmp_path: Path, browser: B
             for product in ("BTC-USD", "ETH-USD"):
                 card = page.locator(f'.card[data-product="{product}"]')
                 assert card.locator(".fresh").inner_text() == "waiting for data…"
-                assert card.locator(".meta").inner_text() == "no prediction yet"
+                assert card.locator(".meta").all_inner_texts() == ["no prediction yet"] * 2  # both horizons
             problems = page.locator("#problems").inner_text()
             assert "MQTT broker unreachable" in problems
             assert f"127.0.0.1:{dead}" in problems

@@ -429,7 +429,10 @@ def is_error_shape(response: httpx.Response) -> bool:
         ("/api/accuracy/BTC-USD", {"window": "abc"}, 422, "window: "),
         ("/api/accuracy/BTC-USD", {"window": "0"}, 422, "window: "),
         ("/api/accuracy/BTC-USD", {"model": "CNN!"}, 422, "model: 'CNN!' is not a model name"),
-        ("/api/candles/BTC-USD", {"granularity": "900"}, 422, "granularity: 60 or 3600"),
+        ("/api/candles/BTC-USD", {"granularity": "300"}, 422, "granularity: 60 or 900 or 3600"),
+        ("/api/predict", {"product": "BTC-USD", "granularity": "300"}, 422, "granularity: 3600 or 900"),
+        ("/api/predictions/BTC-USD", {"granularity": "60"}, 422, "granularity: 3600 or 900"),
+        ("/api/accuracy/BTC-USD", {"granularity": "86400"}, 422, "granularity: 3600 or 900"),
         ("/api/candles/BTC-USD", {"start": "2026-04-21", "end": "2026-04-20"}, 422, "start: "),
         ("/api/candles/BTC-USD", {"end": "99999999999999999999"}, 422, "end: "),
         (

@@ -1,6 +1,7 @@
 """Health: one log line per change of state, not per retry; each part names what is wrong and since when."""
 
 import logging
+import re
 import shutil
 import signal
 import time
@@ -59,7 +60,7 @@ def test_subjects_are_separate_conditions() -> None:
     health.problem("history", "back-fill failing", subject="ETH-USD")
     health.ok("history", subject="BTC-USD")
     assert [(p.component, p.subject) for p in health.current()] == [("history", "ETH-USD")]
-    assert health.of("history", "BTC-USD") is None
+    assert health.of("history", "BTC-USD 3600s") is None
 
 
 # -- each part's reasons, against real components -------------------------------------------------
@@ -118,9 +119,9 @@ async def test_back_fill_failing_is_a_reason_per_product_until_it_works(tmp_path
     health = Conditions()
     dead = free_port()
     unreachable = CoinbaseRest(f"http://127.0.0.1:{dead}", max_attempts=2, max_backoff_s=0.05)
-    keeper = HistoryKeeper(store, unreachable, ["BTC-USD"], 24, health=health)
-    await keeper.check("BTC-USD")
-    problem = health.of("history", "BTC-USD")
+    keeper = HistoryKeeper(store, unreachable, ["BTC-USD"], {3600: 24}, health=health)
+    await keeper.check("BTC-USD", 3600)
+    problem = health.of("history", "BTC-USD 3600s")
     assert problem is not None
     assert problem.message == "back-fill failing"
     assert "gave up after 2 attempts" in problem.detail["error"]
@@ -135,11 +136,11 @@ async def test_back_fill_failing_is_a_reason_per_product_until_it_works(tmp_path
         store.commit_trades(
             "BTC-USD", {}, first_trade_id=1, last_trade_id=2, last_trade_time_us=(hour + 3600) * 1_000_000
         )  # the next hour: checked again
-        await keeper.check("BTC-USD")
+        await keeper.check("BTC-USD", 3600)
     finally:
         await keeper.rest.aclose()
         await srv.close()
-    assert health.of("history", "BTC-USD") is None
+    assert health.of("history", "BTC-USD 3600s") is None
     assert len(store.candles("BTC-USD", 3600, source="history")) == 24
 
 
@@ -213,7 +214,8 @@ def test_up_explains_itself_in_health_and_logs(tmp_path: Path) -> None:
     models_problem = problems[("models", "ETH-USD 3600s")]
     assert models_problem["message"] == "model version refused"
     assert models_problem["detail"]["version"] == "eth-usd-3600s-broken"
-    assert health["products"]["ETH-USD"]["prediction"] == "no model loaded"
+    assert health["products"]["ETH-USD"]["prediction"] == "3600s: no model loaded"
+    assert health["products"]["ETH-USD"]["horizons"]["3600"]["prediction"] == "no model loaded"
     assert 'cryptopi_mqtt_published_total{kind="prediction"} 0.0' in metrics or (
         "cryptopi_mqtt_published_total{" not in metrics
     )
@@ -228,9 +230,14 @@ def test_up_explains_itself_in_health_and_logs(tmp_path: Path) -> None:
     assert sum('msg="model version refused"' in line for line in warned) == 1, warned
     rounds = [line for line in lines if 'msg="predictions made"' in line]
     with Store(data / "cryptopi.sqlite3", readonly=True) as store:
-        made = {p.as_of for p in store.predictions("BTC-USD")}
-    assert len(rounds) == len(made), "one INFO line per prediction round"
-    assert all("level=info" in r and "BTC-USD.cnn=" in r and "BTC-USD.lasso=" in r for r in rounds)
+        made = [p for product in ("BTC-USD", "ETH-USD") for p in store.predictions(product)]
+    # One line per round, naming each prediction made in it: every stored prediction, once.
+    logged = [int(re.search(r" predictions=(\d+) ", r).group(1)) for r in rounds]  # type: ignore[union-attr]
+    assert sum(logged) == len(made), "one INFO line per prediction round, each prediction in one"
+    assert len(rounds) < len(made)
+    assert all("level=info" in r for r in rounds)
+    named = [f"{p.product}.{p.granularity}.{p.model}=" for p in made]
+    assert all(any(n in r for r in rounds) for n in named)
 
 
 @pytest.mark.parametrize("formatter", [LogfmtFormatter(), JsonFormatter()])

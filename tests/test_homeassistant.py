@@ -24,6 +24,7 @@ from tests.homeassistant import HomeAssistant, check_discovery
 
 PRODUCTS = {"BTC-USD": BTC_1H, "ETH-USD": ETH_1H}
 MODELS = ("cnn", "lasso", "persistence")
+HORIZONS = {3600: ("1h", "next hour"), 900: ("15m", "next 15 min")}
 #: A market that ends: both products, 2026-04-20 00:30 to 12:00 at an hour every 2 s. Once it has
 #: played, every value is final, so Home Assistant's states can be compared with the API exactly.
 END = "2026-04-20T12:00:00Z"
@@ -53,9 +54,9 @@ def expected_entities() -> dict[str, tuple[str, str | None]]:
     for product in PRODUCTS:
         p = product.lower().replace("-", "_")
         out[f"sensor.cryptopi_{p}_price"] = (f"{product} price", "USD")
-        for model in MODELS:
-            base = f"sensor.cryptopi_{p}_1h_{model}"
-            name = f"{product} next hour ({model})"
+        for (hid, words), model in ((h, m) for h in HORIZONS.values() for m in MODELS):
+            base = f"sensor.cryptopi_{p}_{hid}_{model}"
+            name = f"{product} {words} ({model})"
             out[base] = (name, "USD")
             out[f"{base}_lower_80"] = (f"{name} 80% lower", "USD")
             out[f"{base}_upper_80"] = (f"{name} 80% upper", "USD")
@@ -70,16 +71,24 @@ def api_values(url: str) -> dict[str, str]:
         p = product.lower().replace("-", "_")
         last = [c for c in read_candle_csv(csv) if c.start < parse_time(END)][-1]
         values[f"sensor.cryptopi_{p}_price"] = str(last.row().close)  # the market's last trade
-        skills = {a["model"]: a["skill"] for a in httpx.get(f"{url}/api/accuracy/{product}").json()}
-        for model in MODELS:
-            got = httpx.get(f"{url}/api/predict", params={"product": product, "model": model}).json()
-            base = f"sensor.cryptopi_{p}_1h_{model}"
-            values[base] = str(round(got["predicted_close"], 2))
-            values[f"{base}_lower_80"] = str(round(got["interval"]["lower"], 2))
-            values[f"{base}_upper_80"] = str(round(got["interval"]["upper"], 2))
-            values[f"{base}_skill"] = (
-                "unknown" if skills[model] is None else str(round(skills[model] * 100, 2))
-            )
+        for g, (hid, _) in HORIZONS.items():
+            values |= horizon_values(url, product, g, f"sensor.cryptopi_{p}_{hid}")
+    return values
+
+
+def horizon_values(url: str, product: str, g: int, prefix: str) -> dict[str, str]:
+    """One product's entities at one horizon, from the API."""
+    values = {}
+    accuracy = httpx.get(f"{url}/api/accuracy/{product}", params={"granularity": g}).json()
+    skills = {a["model"]: a["skill"] for a in accuracy}
+    for model in MODELS:
+        params: dict[str, str | int] = {"product": product, "model": model, "granularity": g}
+        got = httpx.get(f"{url}/api/predict", params=params).json()
+        base = f"{prefix}_{model}"
+        values[base] = str(round(got["predicted_close"], 2))
+        values[f"{base}_lower_80"] = str(round(got["interval"]["lower"], 2))
+        values[f"{base}_upper_80"] = str(round(got["interval"]["upper"], 2))
+        values[f"{base}_skill"] = "unknown" if skills[model] is None else str(round(skills[model] * 100, 2))
     return values
 
 
@@ -96,8 +105,9 @@ def shown(ha: HomeAssistant, entities: dict[str, Any]) -> dict[str, str]:
     return printed({e: s["state"] for e, s in ha.states().items() if e in entities})
 
 
-def last_as_of(url: str, product: str) -> int:
-    return parse_time(httpx.get(f"{url}/api/predict", params={"product": product}).json()["as_of"])
+def last_as_of(url: str, product: str, granularity: int) -> int:
+    params: dict[str, str | int] = {"product": product, "granularity": granularity}
+    return parse_time(httpx.get(f"{url}/api/predict", params=params).json()["as_of"])
 
 
 def registered(ha: HomeAssistant, count: int) -> dict[str, dict[str, Any]] | None:
@@ -116,8 +126,9 @@ def test_home_assistant_shows_the_appliance(home_assistant: HomeAssistant, tmp_p
             # Every value is final once the market has played and both products predicted its last hour.
             wait_until(lambda: httpx.get(f"http://127.0.0.1:{replay_port}/replay/status").json()["done"], 120,
                        "the market to end")  # fmt: skip
-            wait_until(lambda: all(last_as_of(url, p) == parse_time(END) - 3600 for p in PRODUCTS), 60,
-                       "both products' last prediction")  # fmt: skip
+            last = {(p, g): parse_time(END) - g for p in PRODUCTS for g in HORIZONS}
+            wait_until(lambda: all(last_as_of(url, *k) == t for k, t in last.items()), 60,
+                       "both products' last predictions")  # fmt: skip
             want = printed(api_values(url))
             assert all(v != "unknown" for v in want.values()), f"some predictions came due unscored: {want}"
 

@@ -107,7 +107,7 @@ def validate(d: Discovery) -> HaEntity:
 @pytest.fixture
 def publisher(broker: Broker):
     p = MqttPublisher(broker.url, "pi-test", PRODUCTS, configuration_url="http://pi-test:8000/",
-                      accuracy={("BTC-USD", "cnn"): {"mae": 250.0}})  # fmt: skip
+                      accuracy={("BTC-USD", 3600, "cnn"): {"mae": 250.0}})  # fmt: skip
     for product in PRODUCTS:
         p.set_models(product, 3600, ["cnn", "lasso"])
     p.start()

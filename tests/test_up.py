@@ -50,8 +50,9 @@ def test_live_prediction_equals_the_models_on_the_real_candles(appliance) -> Non
         assert {p["model"] for p in both} == {"cnn", "lasso", "persistence"}
 
 
-def test_predictions_keep_coming_every_hour_without_a_gap(appliance) -> None:
-    """Past the hour ingest began in (trade-built only in part), back-filled history keeps it whole."""
+def test_predictions_keep_coming_at_every_horizon_without_a_gap(appliance) -> None:
+    """Past the candle ingest began in (trade-built only in part), back-filled history keeps it whole:
+    a prediction for every hour and for every quarter of an hour."""
     url, _, data, _ = appliance
     first = parse_time(httpx.get(f"{url}/api/predict", params={"product": "BTC-USD"}).json()["as_of"])
     deadline = time.monotonic() + 30
@@ -64,30 +65,44 @@ def test_predictions_keep_coming_every_hour_without_a_gap(appliance) -> None:
     health = httpx.get(f"{url}/health").json()
     assert {p["prediction"] for p in health["products"].values()} == {"ok"}, health
     with Store(data / "cryptopi.sqlite3", readonly=True) as store:
-        hours = sorted({p.as_of for p in store.predictions("BTC-USD", model="cnn")})
-    assert hours == list(range(hours[0], hours[-1] + 3600, 3600))
+        for g in (3600, 900):
+            closes = sorted({p.as_of for p in store.predictions("BTC-USD", model="cnn", granularity=g)})
+            assert len(closes) >= 3 * 3600 // g  # three hours at least (each horizon starts on its own)
+            assert closes == list(range(closes[0], closes[-1] + g, g)), f"a gap at {g}s"
 
 
 def test_realized_accuracy_matches_the_real_closes(appliance) -> None:
+    """Hourly predictions come true against the real hourly closes; 15-minute ones against the candles
+    the trades built (the replay's intra-hour path is generated), each horizon scored on its own."""
     url, _, data, _ = appliance
     real_close = {c.start + 3600: c.row().close for c in read_candle_csv(BTC_1H)}  # close time -> close
     with Store(data / "cryptopi.sqlite3", readonly=True) as store:
-        rows = [p for p in store.predictions("BTC-USD", model="lasso") if p.realized_close is not None]
-    assert len(rows) >= 3
-    assert all(p.realized_close == real_close[p.target_time] for p in rows)
-    scores = {a["model"]: a for a in httpx.get(f"{url}/api/accuracy/BTC-USD").json()}
-    assert set(scores) == {"cnn", "lasso", "persistence"}
-    lasso = scores["lasso"]
-    assert lasso["predictions"] >= len(rows)
-    assert 0 <= lasso["coverage_80"] <= lasso["coverage_95"] <= 1
-    assert lasso["skill"] == pytest.approx(1 - lasso["mae"] / lasso["persistence_mae"])
-    one = httpx.get(f"{url}/api/accuracy/BTC-USD", params={"model": "lasso", "window": len(rows)}).json()
-    with Store(data / "cryptopi.sqlite3", readonly=True) as store:
-        newest = store.predictions("BTC-USD", model="lasso", limit=len(rows))
-    errors = [abs(p.predicted_close - p.realized_close) for p in newest if p.realized_close is not None]
-    expected = sum(errors) / len(errors)
-    assert one[0]["mae"] == pytest.approx(expected)
-    assert 'cryptopi_realized_mae{model="persistence",product="BTC-USD"}' in httpx.get(f"{url}/metrics").text
+        built_close = {r.start + 900: r.close for r in store.series_rows("BTC-USD", 900)}
+        realized = {
+            g: [p for p in store.predictions("BTC-USD", model="lasso", granularity=g) if p.realized_close]
+            for g in (3600, 900)
+        }
+    for g, closes in ((3600, real_close), (900, built_close)):
+        rows = realized[g]
+        assert len(rows) >= 3
+        assert all(p.realized_close == closes[p.target_time] for p in rows), g
+        params: dict[str, int | str] = {"granularity": g}
+        scores = {a["model"]: a for a in httpx.get(f"{url}/api/accuracy/BTC-USD", params=params).json()}
+        assert set(scores) == {"cnn", "lasso", "persistence"}
+        lasso = scores["lasso"]
+        assert lasso["predictions"] >= len(rows)
+        assert 0 <= lasso["coverage_80"] <= lasso["coverage_95"] <= 1
+        assert lasso["skill"] == pytest.approx(1 - lasso["mae"] / lasso["persistence_mae"])
+        one = httpx.get(
+            f"{url}/api/accuracy/BTC-USD", params=params | {"model": "lasso", "window": len(rows)}
+        )
+        with Store(data / "cryptopi.sqlite3", readonly=True) as store:
+            newest = store.predictions("BTC-USD", model="lasso", granularity=g, limit=len(rows))
+        errors = [abs(p.predicted_close - p.realized_close) for p in newest if p.realized_close is not None]
+        assert one.json()[0]["mae"] == pytest.approx(sum(errors) / len(errors))
+    metrics = httpx.get(f"{url}/metrics").text
+    for g in (3600, 900):
+        assert f'cryptopi_realized_mae{{granularity="{g}",model="persistence",product="BTC-USD"}}' in metrics
     assert httpx.get(f"{url}/api/accuracy/BTC-USD", params={"model": "oracle"}).status_code == 404
 
 

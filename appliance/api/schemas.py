@@ -27,6 +27,7 @@ class PredictQuery(BaseModel):
     model: str = Field("cnn", pattern=MODEL_PATTERN)
     at: str | None = Field(None, description="ISO-8601, epoch seconds or 'now' (default: latest)")
     level: float = Field(0.8, description="Interval level: 0.8 or 0.95")
+    granularity: int = Field(3600, description="Horizon: 3600 (the next hour) or 900 (the next 15 minutes)")
 
 
 def query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
@@ -84,11 +85,21 @@ class CandleOut(BaseModel):
                    close=r.close, volume=r.volume)  # fmt: skip
 
 
-class ProductHealth(BaseModel):
-    data_age_s: float | None
+class HorizonHealth(BaseModel):
     model_version: str | None
+    pooled: bool = Field(description="Served by the pooled model set (no version of this product's own)")
     models: list[str]
     prediction: Literal["ok"] | str = Field(description="'ok', or why there is no fresh prediction")
+
+
+class ProductHealth(BaseModel):
+    data_age_s: float | None
+    model_version: str | None = Field(description="The hourly models' version")
+    models: list[str] = Field(description="The hourly models")
+    prediction: Literal["ok"] | str = Field(
+        description="'ok', or why there is no fresh prediction at some horizon (each named)"
+    )
+    horizons: dict[int, HorizonHealth] = Field(description="Per horizon (candle seconds)")
 
 
 class ProblemOut(BaseModel):

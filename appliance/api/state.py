@@ -13,6 +13,7 @@ from typing import Annotated, Protocol
 from fastapi import Depends, HTTPException, Request
 
 from appliance.api.stream import Hub
+from appliance.candles import HORIZONS, HOUR
 from appliance.health import Conditions
 from appliance.inference import Inference
 from appliance.predictions import PredictionRow
@@ -37,13 +38,14 @@ class AppState:
     ingest: IngestView | None = None
     hub: Hub = field(default_factory=Hub)
     health: Conditions = field(default_factory=Conditions)
-    #: The newest prediction per (product, model), kept as it is made: reading it costs nothing.
-    latest: dict[tuple[str, str], PredictionRow] = field(default_factory=dict)
+    #: The newest prediction per (product, granularity, model), kept as made: reading it costs nothing.
+    latest: dict[tuple[str, int, str], PredictionRow] = field(default_factory=dict)
 
     def keep(self, rows: list[PredictionRow]) -> None:
         for r in rows:
-            if r.as_of >= getattr(self.latest.get((r.product, r.model)), "as_of", 0):
-                self.latest[r.product, r.model] = r
+            key = (r.product, r.granularity, r.model)
+            if r.as_of >= getattr(self.latest.get(key), "as_of", 0):
+                self.latest[key] = r
 
     def data_age_s(self, product: str) -> float | None:
         last_us = self.ingest.last_trade_time_us(product) if self.ingest else None
@@ -68,12 +70,20 @@ class AppState:
             raise HTTPException(404, f"unknown product {product}; this appliance serves {served}")
         return product
 
-    def known_model(self, product: str, model: str) -> None:
-        names = self.inference.models_of(product)
+    def known_horizon(self, granularity: int) -> int:
+        """``granularity``, or a 422 (not a horizon at all) or 404 (not one this appliance predicts)."""
+        if granularity not in HORIZONS:
+            raise HTTPException(422, f"granularity: {' or '.join(map(str, HORIZONS))}, not {granularity}")
+        if granularity not in self.settings.horizons:
+            served = ", ".join(map(str, self.settings.horizons))
+            raise HTTPException(404, f"granularity: this appliance predicts {served} only, not {granularity}")
+        return granularity
+
+    def known_model(self, product: str, model: str, granularity: int = HOUR) -> None:
+        names = self.inference.models_of(product, granularity)
         if model not in names:
-            raise HTTPException(
-                404, f"no model {model} for {product}; models: {', '.join(names) or 'none loaded'}"
-            )
+            raise HTTPException(404, f"no model {model} for {product} at {granularity}s; "
+                                     f"models: {', '.join(names) or 'none loaded'}")  # fmt: skip
 
 
 async def app_state(request: Request) -> AppState:

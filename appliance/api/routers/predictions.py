@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from functools import lru_cache
+from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from pydantic import ValidationError
 
 from appliance.api.errors import ERRORS, query_time, sentence
@@ -35,18 +36,20 @@ async def predict(request: Request) -> Response:
         query = PredictQuery.model_validate(request.query_params)
     except ValidationError as exc:
         raise HTTPException(422, sentence(exc.errors())) from None
-    product, model, at, level = query.product, query.model, query.at, query.level
+    product, model, at, level, g = query.product, query.model, query.at, query.level, query.granularity
     state.known(product)
+    state.known_horizon(g)
     if level not in (0.8, 0.95):
         raise HTTPException(422, f"level: 0.8 or 0.95, not {level}")
     when = query_time("at", at) if at is not None and at != "now" else None
-    state.known_model(product, model)
-    kept = state.latest.get((product, model)) if when is None else None
-    rows = [kept] if kept else state.reader.predictions(product, model=model, at=when, limit=1)
+    state.known_model(product, model, g)
+    kept = state.latest.get((product, g, model)) if when is None else None
+    rows = [kept] if kept else state.reader.predictions(product, model=model, granularity=g, at=when, limit=1)
     if not rows:
         if when is not None:
             raise HTTPException(404, f"at: no {product} {model} prediction at or before {at}")
-        raise HTTPException(503, f"no {product} prediction yet: {state.predictor.missing.get(product)}")
+        why = state.predictor.missing.get((product, g))
+        raise HTTPException(503, f"no {product} {g}s prediction yet: {why}")
     if when is not None and when >= rows[0].target_time:
         # The newest prediction before ``at`` is for a candle that closed by then: none is in force.
         until = datetime.fromtimestamp(rows[0].target_time, UTC)
@@ -59,10 +62,17 @@ async def predict(request: Request) -> Response:
 
 
 @router.get("/api/predictions/{product}", response_model=list[PredictionResult], responses=ERRORS)
-async def predictions(product: ProductPath, state: State) -> list[PredictionResult]:
+async def predictions(
+    product: ProductPath,
+    state: State,
+    granularity: Annotated[int, Query(description="Horizon: 3600 (the next hour) or 900")] = 3600,
+) -> list[PredictionResult]:
+    """The newest prediction of every model at one horizon."""
     state.known(product)
+    state.known_horizon(granularity)
     age, stale = state.data_age_s(product), state.stale(product)
-    return [PredictionResult.of(r, 0.8, age, stale) for r in state.reader.latest_predictions(product)]
+    rows = state.reader.latest_predictions(product, granularity)
+    return [PredictionResult.of(r, 0.8, age, stale) for r in rows]
 
 
 @lru_cache(maxsize=64)

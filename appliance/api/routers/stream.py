@@ -14,11 +14,11 @@ CHART_CANDLES = 48
 
 
 def snapshot(state: AppState) -> Event:
-    """Every product at every horizon it has predictions at (or the predictor's, before the first)."""
+    """Every product at every horizon the appliance predicts."""
     series = []
     for p in state.settings.products:
         age = state.data_age_s(p)
-        for g in state.reader.prediction_granularities(p) or [state.predictor.granularity]:
+        for g in state.settings.horizons:
             candles = state.reader.series_rows(p, g, last=CHART_CANDLES)
             made = state.reader.predictions(p, granularity=g, since=candles[0].start) if candles else []
             series.append(Series(p, g, candles, made[::-1], age))

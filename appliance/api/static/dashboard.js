@@ -42,7 +42,7 @@ function horizon(c, g) {
   const node = document.getElementById("horizon").content.firstElementChild.cloneNode(true);
   node.dataset.granularity = g;
   node.querySelector(".title").textContent = horizonName(g);
-  const after = [...c.horizons.keys()].filter(k => k > g).sort((a, b) => a - b)[0];
+  const after = [...c.horizons.keys()].filter(k => k < g).sort((a, b) => b - a)[0];  // the hour first
   c.node.querySelector(".horizons").insertBefore(node, after ? c.horizons.get(after).node : null);
   h = {g, node, candles: new Map(), open: null, predictions: new Map(), accuracy: {}, chart: null, layout: ""};
   c.horizons.set(g, h);
