@@ -387,6 +387,16 @@ def container(
         docker(docker_host, "rm", "--force", "--volumes", cid, check=False)
 
 
+def appliance_env(http_port: int, replay_port: int) -> dict[str, str]:
+    """A container's appliance settings: its API on 127.0.0.1:``http_port``, Coinbase the replay server."""
+    return {
+        "CRYPTOPI_HTTP_HOST": "127.0.0.1",
+        "CRYPTOPI_HTTP_PORT": str(http_port),
+        "CRYPTOPI_COINBASE_WS_URL": f"ws://127.0.0.1:{replay_port}",
+        "CRYPTOPI_COINBASE_REST_URL": f"http://127.0.0.1:{replay_port}",
+    }
+
+
 def container_logs(docker_host: str, cid: str, tail: int = 80) -> str:
     proc = docker(docker_host, "logs", "--tail", str(tail), cid, check=False)
     return proc.stdout + proc.stderr
