@@ -82,7 +82,8 @@ def commit() -> str:
 def coinbase_args(cfg: ReleaseConfig) -> list[str]:
     """The replay server's arguments: the configured products' real 15-minute candles over the configured
     range, all of them already traded (REST knows them), none after."""
-    assert cfg.history_end is not None, "a local release needs a fixed history_end (the replay has no 'now')"
+    if cfg.history_end is None:
+        raise ValueError("a local release needs a fixed history_end: the replay has no 'now'")
     candles = [a for p in cfg.products for a in ("--candles", f"{p}={DATASETS / f'coinbase_{p}_15m.csv'}")]
     return [*candles, "--from", str(cfg.history_start), "--to", str(cfg.history_end),
             "--start-at", str(cfg.history_end)]  # fmt: skip
@@ -258,6 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("release-local starts dockerd and a registry and debootstraps a base: run it as root",
               file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        coinbase_args(load_config(args.config))
+    except ValueError as exc:  # ConfigRejected among them: said before anything starts
+        print(f"invalid release configuration: {exc}", file=sys.stderr)
         return 2
     phase = Phases()
     with tempfile.TemporaryDirectory(prefix="cryptopi-release-") as tmp, contextlib.ExitStack() as stack:
