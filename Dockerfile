@@ -28,14 +28,16 @@ RUN python3 -m venv --without-pip /opt/venv
 # The dependencies first, exactly as locked: no extras (training, webhook, dev), so this layer is reused
 # until uv.lock changes. Then what inference never loads goes: the test suites, numpy's f2py, distutils and
 # C headers, onnxruntime's offline tooling (quantization, transformer optimizers, model tools) and its C-API
-# library (libonnxruntime.so: the Python binding has the runtime built in and does not load it).
+# library (libonnxruntime.so: the Python binding has the runtime built in and does not load it), and pip
+# (a dependency of sqlite-utils for its `install` command only; `export` and the store's CLI never use it).
 COPY pyproject.toml uv.lock ./
 RUN /opt/uv/bin/uv sync --locked --no-dev --no-install-project --python /opt/venv/bin/python \
     && site="$(/opt/venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" \
     && rm -rf "$site"/numpy/tests "$site"/numpy/*/tests "$site"/numpy/*/*/tests "$site"/numpy/f2py \
         "$site"/numpy/distutils "$site"/numpy/_core/include "$site"/numpy/_pyinstaller \
         "$site"/onnxruntime/quantization "$site"/onnxruntime/transformers "$site"/onnxruntime/tools \
-        "$site"/onnxruntime/capi/libonnxruntime.so.*
+        "$site"/onnxruntime/capi/libonnxruntime.so.* \
+        "$site"/pip /opt/venv/bin/pip /opt/venv/bin/pip3 /opt/venv/bin/pip3.*
 
 # Then the project itself, as a regular (non-editable) install: appliance/ with its model registry.
 # (No onnxruntime import here: since 1.28 it crashes under qemu-user 7.2, whose /proc/cpuinfo is the

@@ -13,11 +13,21 @@ DEV := $(UV) run --locked --extra dev --extra training
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 DATASETS := appliance/datasets
 DEMO_PORT := 8765
+# What `make demo` runs the appliance with: a store of its own, fed by the replay server on DEMO_PORT.
+DEMO_ENV = CRYPTOPI_DATA_DIR=$${CRYPTOPI_DATA_DIR:-data/demo} \
+	CRYPTOPI_COINBASE_WS_URL=ws://127.0.0.1:$(DEMO_PORT) CRYPTOPI_COINBASE_REST_URL=http://127.0.0.1:$(DEMO_PORT)
 
-.PHONY: help setup run demo test test-deps lint fmt bench soak models clean install smoke-arm64
+# $(call apt-need,PACKAGES): install, in one apt-get, the Debian packages that are not installed yet.
+apt-need = missing=$$(for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		command -v apt-get >/dev/null || { echo "needs $$missing (installed with apt-get on Debian)"; exit 1; }; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+.PHONY: help setup run demo test test-deps lint fmt bench soak mutation models clean install smoke-arm64 release-local
 
 help:  ## list the targets
-	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 $(UV):
 	@command -v python3 >/dev/null || { echo "python3 is needed: apt-get install python3"; exit 1; }
@@ -30,16 +40,19 @@ setup: $(UV)  ## create .venv from the lock: runtime, dev tools and the training
 run: $(UV)  ## run the appliance against the live Coinbase feed: API on :8000 (CRYPTOPI_* settings)
 	$(APP) python -m appliance up
 
+# Settings and ports are checked before anything starts (a bad setting exits 2, a port in use 1, and a
+# running demo is left alone); Ctrl-C stops the appliance and then the replay, quietly.
 demo: $(UV)  ## offline: replay bundled real Coinbase candles into the appliance (API on :8000)
+	@$(DEMO_ENV) $(APP) python -m appliance check-config --free-port $(DEMO_PORT)
 	@echo "replaying bundled BTC-USD/ETH-USD candles on 127.0.0.1:$(DEMO_PORT); Ctrl-C stops both"
 	@$(APP) python -m appliance replay --port $(DEMO_PORT) --speed 600 \
 		--candles BTC-USD=$(DATASETS)/coinbase_BTC-USD_1h.csv --candles ETH-USD=$(DATASETS)/coinbase_ETH-USD_1h.csv \
 		--from 2026-03-01 --start-at 2026-04-20 & replay=$$!; \
-	trap 'kill $$replay 2>/dev/null' EXIT; \
-	until (exec 3<>/dev/tcp/127.0.0.1/$(DEMO_PORT)) 2>/dev/null; do sleep 0.2; done; \
-	CRYPTOPI_DATA_DIR=$${CRYPTOPI_DATA_DIR:-data/demo} \
-	CRYPTOPI_COINBASE_WS_URL=ws://127.0.0.1:$(DEMO_PORT) CRYPTOPI_COINBASE_REST_URL=http://127.0.0.1:$(DEMO_PORT) \
-		$(APP) python -m appliance up
+	trap 'kill $$replay 2>/dev/null; wait $$replay' EXIT; trap 'exit 0' INT TERM; \
+	until (exec 3<>/dev/tcp/127.0.0.1/$(DEMO_PORT)) 2>/dev/null; do \
+		kill -0 $$replay 2>/dev/null || exit 1; sleep 0.2; \
+	done; \
+	$(DEMO_ENV) $(APP) python -m appliance up
 
 lint: setup  ## ruff (lint + format check) and mypy --strict
 	$(DEV) ruff check .
@@ -50,36 +63,45 @@ fmt: setup  ## apply ruff's fixes and formatting
 	$(DEV) ruff check --fix .
 	$(DEV) ruff format .
 
-# Services the tests run for real (started by the tests themselves, on loopback).
-TEST_PACKAGES := mosquitto chromium docker.io docker-registry debootstrap shellcheck systemd
+# Services the tests run for real (started by the tests themselves, on loopback); python3-venv makes the
+# real Home Assistant's own virtualenv (tests/homeassistant.py builds it on first use); qemu-user-static
+# runs the arm64 image's build and containers (tests/test_arm64.py).
+TEST_PACKAGES := mosquitto chromium docker.io docker-registry debootstrap qemu-user-static shellcheck systemd \
+	python3-venv
 
 test-deps:  ## install the system packages the tests need (Debian)
-	@missing=$$(for p in $(TEST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
-	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $$missing; fi
+	@$(call apt-need,$(TEST_PACKAGES))
 
 test: lint test-deps  ## the whole test suite (what CI runs)
 	$(DEV) pytest
 
-bench: setup  ## measure throughput, memory, storage writes and CPU at a live rate (~70 min); JSON in bench-results/
+bench: setup  ## measure throughput, memory, storage writes and CPU at a live rate (~70 min); JSON in bench-results/, summary on stdout
+	@$(call apt-need,wrk mosquitto)
 	$(DEV) python -m tests.bench $(BENCH_ARGS)
 
 soak: setup  ## 30 days of real market at 2,160x with feed faults, MQTT and stream clients (~25 min; not in make test)
-	@dpkg -s mosquitto >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq mosquitto; }
+	@$(call apt-need,mosquitto)
 	$(DEV) python -m tests.soak $(SOAK_ARGS)
 
+mutation: setup  ## mutation score of the pure-logic modules' fast tests; survivors listed, JSON in mutation-results/
+	$(DEV) python -m tests.mutation $(MUTATION_ARGS)
+
 smoke-arm64: setup  ## build the image for arm64 under QEMU; it must predict as the amd64 one does (root)
-	@dpkg -s qemu-user-static debootstrap docker.io >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
-		$(SUDO) apt-get install -y -qq qemu-user-static debootstrap docker.io; }
+	@$(call apt-need,qemu-user-static debootstrap docker.io)
 	$(DEV) python -m tests.smoke_arm64
+
+release-local: setup  ## CD's release program end to end here: replay as Coinbase, a local registry (root)
+	@$(call apt-need,debootstrap docker.io docker-registry)
+	$(DEV) python -m tests.release_local
 
 install:  ## on the Pi, from /opt/cryptopi: host venv, /etc/cryptopi, systemd units (INSTALL_ARGS=--with-cloudflared)
 	$(SUDO) systemd/install.sh $(INSTALL_ARGS)
 
-models: setup  ## retrain the shipped BTC-USD and ETH-USD models from the bundled candles
-	for product in BTC-USD ETH-USD; do \
-		$(DEV) python -m training train --data $(DATASETS)/coinbase_$${product}_1h.csv --product $$product \
-			--out appliance/models || exit; \
-	done
+models: setup  ## retrain the shipped models (BTC-USD, ETH-USD; hourly and 15-minute) from the bundled candles
+	for granularity in 3600:1h 900:15m; do for product in BTC-USD ETH-USD; do \
+		$(DEV) python -m training train --data $(DATASETS)/coinbase_$${product}_$${granularity#*:}.csv \
+			--product $$product --granularity $${granularity%:*} --out appliance/models || exit; \
+	done; done
 
 clean:  ## remove the virtualenv, caches and local data
-	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache bench-results data
+	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache bench-results mutation-results data

@@ -1,4 +1,4 @@
-"""Candle CSV files (``time,open,high,low,close,volume``, ISO UTC open times): read and checked.
+"""Candle CSV files (``time,open,high,low,close,volume``, ISO UTC open times): read and checked, written.
 
 The bundled datasets, ``import-csv``, training and the replay's candle tapes all read through here,
 with the OHLCV rule REST rows are held to (:func:`appliance.candles.check_ohlcv`).
@@ -7,13 +7,14 @@ with the OHLCV rule REST rows are held to (:func:`appliance.candles.check_ohlcv`
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal
 from itertools import pairwise
 from pathlib import Path
 
-from appliance.candles import COINBASE_GRANULARITIES, CandleRow, check_ohlcv, parse_time
+from appliance.candles import COINBASE_GRANULARITIES, CandleRow, check_ohlcv, format_price, parse_time
 
 HEADER = ["time", "open", "high", "low", "close", "volume"]
 
@@ -63,6 +64,19 @@ def read_candle_csv(path: Path, granularity: int | None = None) -> Iterator[CsvC
                 raise CandleCsvError(f"{path}:{line}: rows must be in ascending time order")
             previous = start
             yield CsvCandle(start, rec["open"], rec["high"], rec["low"], rec["close"], rec["volume"])
+
+
+def write_candle_csv(path: Path, rows: Iterable[CandleRow]) -> int:
+    """Write candles in the format :func:`read_candle_csv` reads, each value exact; returns the count."""
+    count = 0
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(HEADER)
+        for r in rows:
+            when = datetime.fromtimestamp(r.start, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            writer.writerow([when, *(format_price(v) for v in (r.open, r.high, r.low, r.close, r.volume))])
+            count += 1
+    return count
 
 
 def infer_granularity(starts: Sequence[int]) -> int:

@@ -20,8 +20,10 @@ US = 1_000_000
 SIZE_SCALE = 100_000_000
 SIZE_DECIMALS = 8
 MINUTE, HOUR = 60, 3600
-#: Granularities the trade path maintains itself (minute candles and derived hourly candles).
-TRADE_GRANULARITIES = (MINUTE, HOUR)
+#: The horizons the appliance predicts: the next hour's close and the next 15 minutes'.
+HORIZONS = (HOUR, 900)
+#: Granularities the trade path maintains itself: minute candles, and those of every horizon.
+TRADE_GRANULARITIES = (MINUTE, 900, HOUR)
 #: Granularities Coinbase's REST candles endpoint accepts.
 COINBASE_GRANULARITIES = (60, 300, 900, 3600, 21600, 86400)
 

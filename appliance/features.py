@@ -1,4 +1,4 @@
-"""Feature spec v1: what the models see, computed once for training and serving (numpy only).
+"""Feature spec v2: what the models see, computed once for training and serving (numpy only).
 
 Every feature of a candle t is known when candle t closes. Prices enter as log ratios to the current
 close (and returns), so models learn shapes rather than price levels they may never have seen.
@@ -13,13 +13,21 @@ close (and returns), so models learn shapes rather than price levels they may ne
 * ``rsi_14``: RSI over the last 14 close changes with simple averages, so it depends on a fixed
   window (Wilder's smoothing would depend on all history, and training and serving would disagree).
 
+Spec v2 adds what the volatility model reads (the first 69 columns are v1's, by name and meaning):
+
+* ``rv_n`` (n = 1, 6, 24, 168): log(mean of the last n squared one-candle log returns + 1e-8), the
+  realized variance; the floor keeps a flat candle finite (about a 0.01 % move).
+* ``gk_n``: log(mean Garman-Klass variance of the last n candles + 1e-8), the range-based estimator
+  0.5 log(high/low)^2 - (2 log 2 - 1) log(close/open)^2, several times less noisy than a squared return.
+* ``hour_of_week``: 0 (Monday 00:00 UTC) .. 167, as a number; the volatility model one-hot encodes it.
+
 Lags are taken by **timestamp**, never by row: a candle missing from the window (Coinbase publishes
 none for an interval without trades, and outages leave holes) makes the features of every candle
-whose 25-candle window contains the hole undefined. Those rows are dropped in training and refused at
-serving time; nothing is forward-filled or invented. Nothing here is fitted: scaling lives in the
-models, fitted on training data only.
+whose window (the 169 candles t-168..t that the longest span needs) contains the hole undefined.
+Those rows are dropped in training and refused at serving time; nothing is forward-filled or invented.
+Nothing here is fitted: scaling lives in the models, fitted on training data only.
 
-The reference design's list, every item of it, enumerates to 69 columns (issue text: "68").
+The reference design's list, every item of it, enumerates to 69 columns (issue text: "68"); v2 has 78.
 """
 
 from __future__ import annotations
@@ -37,13 +45,15 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from numpy.typing import NDArray
 
-SPEC_NAME = "cryptopi-features-v1"
+SPEC_NAME = "cryptopi-features-v2"
 LAGS = 24
 ROLLING = 24
 RETURN_SPANS = (2, 3, 4, 12, 24)
 RSI_PERIOD = 14
-#: Candles a feature row needs: t-24 .. t.
-WINDOW = LAGS + 1
+VOL_SPANS = (1, 6, 24, 168)
+VAR_FLOOR = 1e-8
+#: Candles a feature row needs: t-168 .. t (168 one-candle returns).
+WINDOW = max(LAGS, *VOL_SPANS) + 1
 
 FEATURE_NAMES: tuple[str, ...] = (
     *(f"close_lag_{k}" for k in range(1, LAGS + 1)),
@@ -54,9 +64,11 @@ FEATURE_NAMES: tuple[str, ...] = (
     "close_mean_24", "close_std_24", "volume_mean_24", "volume_std_24",
     *(f"return_{n}" for n in RETURN_SPANS),
     "rsi_14",
+    *(f"rv_{n}" for n in VOL_SPANS),
+    *(f"gk_{n}" for n in VOL_SPANS),
+    "hour_of_week",
 )  # fmt: skip
 N_FEATURES = len(FEATURE_NAMES)
-_CLOSE_LAGS = slice(0, LAGS)
 
 Floats = NDArray[np.float64]
 
@@ -134,6 +146,8 @@ def feature_matrix(s: CandleSeries) -> Floats:
     change = c - lag(c, 1)
     gains = trailing(np.where(np.isnan(change), np.nan, np.maximum(change, 0.0)), RSI_PERIOD).mean(axis=1)
     losses = trailing(np.where(np.isnan(change), np.nan, np.maximum(-change, 0.0)), RSI_PERIOD).mean(axis=1)
+    squared = (log_c - lag(log_c, 1)) ** 2
+    gk = garman_klass(o, h, lo, c)
     columns = [
         *(lag(log_c, k) - log_c for k in range(1, LAGS + 1)),
         *(np.log1p(lag(v, k)) for k in range(1, LAGS + 1)),
@@ -145,9 +159,12 @@ def feature_matrix(s: CandleSeries) -> Floats:
         np.log1p(volume_win.mean(axis=1)), np.log1p(volume_win.std(axis=1)),
         *(c / lag(c, n) - 1 for n in RETURN_SPANS),
         _rsi(gains, losses),
+        *(np.log(trailing(squared, n).mean(axis=1) + VAR_FLOOR) for n in VOL_SPANS),
+        *(np.log(trailing(gk, n).mean(axis=1) + VAR_FLOOR) for n in VOL_SPANS),
+        ((grid_start // 3600 + 72) % 168).astype(np.float64),  # 1970-01-01 00:00 was Thursday, hour 72
     ]  # fmt: skip
     matrix: Floats = np.stack(columns, axis=1)
-    # The 25-candle window rule: any hole within it leaves the whole row undefined.
+    # The window rule: any hole within a row's WINDOW candles leaves the whole row undefined.
     complete = ~np.isnan(trailing(c, WINDOW)).any(axis=1)
     matrix[~complete] = np.nan
     rows: Floats = matrix[pos]
@@ -172,6 +189,8 @@ def feature_row(s: CandleSeries) -> Floats:
     hour, dow = (t % 86_400) / 3600, (t // 86_400 + 3) % 7
     recent_c, recent_v = close[-ROLLING:], volume[-ROLLING:]
     changes = np.diff(close[-(RSI_PERIOD + 1) :])
+    squared = np.diff(np.log(close)) ** 2  # one per candle but the first: WINDOW - 1 of them
+    gk = garman_klass(w.open, w.high, w.low, close)
     row = [
         *(float(np.log(close[-1 - k] / c)) for k in range(1, LAGS + 1)),
         *(float(np.log1p(volume[-1 - k])) for k in range(1, LAGS + 1)),
@@ -184,6 +203,9 @@ def feature_row(s: CandleSeries) -> Floats:
         *(c / close[-1 - n] - 1 for n in RETURN_SPANS),
         float(_rsi(np.array([np.mean(np.clip(changes, 0, None))]),
                    np.array([np.mean(np.clip(-changes, 0, None))]))[0]),
+        *(np.log(np.mean(squared[-n:]) + VAR_FLOOR) for n in VOL_SPANS),
+        *(np.log(np.mean(gk[-n:]) + VAR_FLOOR) for n in VOL_SPANS),
+        float((t // 3600 + 72) % 168),
     ]  # fmt: skip
     return np.asarray(row, dtype=np.float64)
 
@@ -195,13 +217,11 @@ def _rsi(avg_gain: Floats, avg_loss: Floats) -> Floats:
     return np.where(np.isnan(avg_gain) | np.isnan(avg_loss), np.nan, rsi)
 
 
-def realized_volatility(features: Floats) -> Floats:
-    """Std of the last 24 one-candle log returns, read from the close lags: the intervals' scale."""
-    lags: Floats = np.atleast_2d(features)[:, _CLOSE_LAGS]
-    levels = np.concatenate([np.zeros((len(lags), 1)), lags], axis=1)  # log(close[t-k]/close[t]), k=0..24
-    returns = levels[:, :-1] - levels[:, 1:]
-    vol: Floats = np.maximum(returns.std(axis=1), 1e-6)
-    return vol
+def garman_klass(o: Floats, h: Floats, lo: Floats, c: Floats) -> Floats:
+    """Each candle's Garman-Klass variance; never negative, as |log(c/o)| <= log(h/lo)."""
+    spread, body = np.log(h / lo), np.log(c / o)
+    gk: Floats = 0.5 * spread**2 - (2 * np.log(2) - 1) * body**2
+    return gk
 
 
 def _spec_hash() -> str:
@@ -218,8 +238,8 @@ def _spec_hash() -> str:
 
     spec = {
         "name": SPEC_NAME, "features": FEATURE_NAMES, "lags": LAGS, "rolling": ROLLING,
-        "returns": RETURN_SPANS, "rsi": RSI_PERIOD,
-        "code": [code(f) for f in (feature_matrix, feature_row, _rsi, realized_volatility)],
+        "returns": RETURN_SPANS, "rsi": RSI_PERIOD, "vol_spans": VOL_SPANS, "var_floor": VAR_FLOOR,
+        "window": WINDOW, "code": [code(f) for f in (feature_matrix, feature_row, _rsi, garman_klass)],
     }  # fmt: skip
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from appliance.coinbase.rest import (
     CoinbaseRestError,
     validate_granularity,
 )
+from appliance.features import WINDOW
 from appliance.health import Conditions
 from appliance.store import Store, UpsertResult
 from appliance.storekeeper import StoreKeeper
@@ -119,12 +120,18 @@ def missing_span(
     return (min(holes), max(holes) + granularity) if holes else None
 
 
-class HistoryKeeper:
-    """Keeps the hours the models need whole: back-fills holes from REST candles as hours close.
+def candles_needed(horizons: Sequence[int], history_days: int) -> dict[int, int]:
+    """Per horizon, the closed candles kept whole: the models' window, and hourly at least the days asked."""
+    return {g: max(WINDOW, history_days * 24) if g == HOUR else WINDOW for g in horizons}
 
-    Covers a first start (no history), the hour in which ingest began (trade-built only in part) and
-    long outages. Measured in the market's own time (trades), so a replay behaves like Coinbase. Only
-    the holes are fetched: once history is whole, an hour's check costs one request for one candle.
+
+class HistoryKeeper:
+    """Keeps the candles the models need whole: back-fills holes from REST candles as candles close.
+
+    Covers a first start (no history), the candle in which ingest began (trade-built only in part) and
+    long outages, at every horizon (``needs``: granularity -> how many closed candles). Measured in the
+    market's own time (trades), so a replay behaves like Coinbase. Only the holes are fetched: once
+    history is whole, a close's check costs one request for one candle.
     """
 
     def __init__(
@@ -132,20 +139,20 @@ class HistoryKeeper:
         store: Store,
         rest: CoinbaseRest,
         products: Sequence[str],
-        hours: int,
+        needs: Mapping[int, int],
         on_filled: Callable[[], None] = lambda: None,
         health: Conditions | None = None,
         keeper: StoreKeeper | None = None,
     ) -> None:
-        self.store, self.rest, self.products, self.hours = store, rest, tuple(products), hours
+        self.store, self.rest, self.products, self.needs = store, rest, tuple(products), dict(needs)
         self.on_filled = on_filled  # told after new history arrived (e.g. to predict at once)
         self.health = health or Conditions()
         self.keeper = keeper or StoreKeeper(store, self.health)
         self._committed = asyncio.Event()
-        self._checked: dict[str, int] = {}
+        self._checked: dict[tuple[str, int], int] = {}
 
     def wake(self) -> None:
-        """Something was committed: look for a newly closed hour."""
+        """Something was committed: look for a newly closed candle."""
         self._committed.set()
 
     def forget(self) -> None:
@@ -158,32 +165,35 @@ class HistoryKeeper:
             self._committed.clear()
             await self._committed.wait()
             for product in self.products:
-                if not self.keeper.writable:
-                    break
-                try:
-                    await self.check(product)
-                except sqlite3.Error as exc:
-                    self._checked.pop(product, None)  # look again once the store takes writes
-                    self.keeper.failed(exc)
+                for granularity in self.needs:
+                    if not self.keeper.writable:
+                        break
+                    try:
+                        await self.check(product, granularity)
+                    except sqlite3.Error as exc:
+                        self._checked.pop((product, granularity), None)  # again once the store takes writes
+                        self.keeper.failed(exc)
 
-    async def check(self, product: str) -> None:
+    async def check(self, product: str, g: int) -> None:
         state = self.store.ingest_state(product)
-        if state is None or self._checked.get(product) == (hour := state.last_trade_time_us // US // HOUR):
+        if state is None:
             return
-        self._checked[product] = hour
-        have = [r.start for r in self.store.series_rows(product, HOUR, last=self.hours + 1)]
-        span = missing_span(have, hour * HOUR, self.hours, HOUR)
+        bucket = state.last_trade_time_us // US // g  # the newest trade's: those before it have closed
+        if self._checked.get((product, g)) == bucket:
+            return
+        self._checked[product, g] = bucket
+        count, subject = self.needs[g], f"{product} {g}s"
+        have = [r.start for r in self.store.series_rows(product, g, last=count + 1)]
+        span = missing_span(have, bucket * g, count, g)
         if span is None:
+            self.health.ok("history", subject=subject)
             return
         try:
-            result = await backfill(
-                self.store, self.rest, product, HOUR, *span, now=hour * HOUR, progress=False
-            )
+            result = await backfill(self.store, self.rest, product, g, *span, now=bucket * g, progress=False)
         except (CoinbaseRestError, ValueError) as exc:
-            log.error(
-                "history back-fill failed; will retry next hour",
-                extra={"product": product, "error": str(exc)},
-            )
+            self.health.problem("history", "back-fill failing", subject=subject, error=str(exc),
+                                missing_from=span[0], retry="when the next candle closes")  # fmt: skip
             return
-        log.info("history back-filled", extra={"product": product, "candles": result.rows})
+        self.health.ok("history", subject=subject)
+        log.info("history back-filled", extra={"product": product, "granularity": g, "candles": result.rows})
         self.on_filled()

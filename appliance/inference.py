@@ -2,8 +2,9 @@
 
 Sessions are created once per model version, checked (sha256, feature spec) and warmed up before
 they replace the ones serving; a broken or mismatched version is refused and the old one keeps
-serving. A prediction is one feature row through each model: raw features in, log return out,
-interval from the model's calibration and the row's realized volatility.
+serving. A prediction is one feature row through the volatility model (sigma) and each point model
+(raw features in, log return out, times its shrink factor; persistence runs nothing), with the
+interval from the model's calibration times sigma. Versions are per product and granularity.
 """
 
 from __future__ import annotations
@@ -17,31 +18,56 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from appliance.features import CandleSeries, feature_row, realized_volatility
+from appliance.features import CandleSeries, feature_row
+from appliance.health import Conditions
 from appliance.metrics import MODEL_INFO, MODEL_REFUSED
 from appliance.predictions import PredictionRow
-from appliance.registry import Manifest, RegistryError, latest_versions, load_version
+from appliance.registry import (
+    ANY_PRODUCT,
+    Manifest,
+    RegistryError,
+    latest_versions,
+    load_version,
+    resolve,
+    version_folder,
+)
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class LoadedModel:
-    name: str
+class Graph:
+    """One ONNX graph: a feature row in, one number out."""
+
     session: ort.InferenceSession
     input_name: str
     output_name: str
+
+    def run(self, row: np.ndarray) -> float:
+        out = self.session.run([self.output_name], {self.input_name: row.reshape(1, -1).astype(np.float32)})
+        return float(np.asarray(out[0]).ravel()[0])
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    name: str
+    graph: Graph | None  # None: persistence
+    shrink: float
     quantiles: dict[str, float]
 
     def log_return(self, row: np.ndarray) -> float:
-        out = self.session.run([self.output_name], {self.input_name: row.reshape(1, -1).astype(np.float32)})
-        return float(np.asarray(out[0]).ravel()[0])
+        return self.shrink * self.graph.run(row) if self.graph else 0.0
 
 
 @dataclass(frozen=True)
 class ProductModels:
     manifest: Manifest
     models: dict[str, LoadedModel]
+    volatility: Graph
+
+    def sigma(self, row: np.ndarray) -> float:
+        """The next candle's volatility (std of its log return, up to the models' multipliers)."""
+        return math.exp(0.5 * self.volatility.run(row))
 
 
 def load_models(folder: Path) -> ProductModels:
@@ -50,87 +76,115 @@ def load_models(folder: Path) -> ProductModels:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1  # one row at a time: threads only add latency on a Pi
     options.inter_op_num_threads = 1
+    zeros = np.zeros(len(manifest.feature_spec.names))
+
+    def graph(what: str, file: str, input_name: str, output_name: str) -> Graph:
+        try:
+            g = Graph(ort.InferenceSession(str(folder / file), options, providers=["CPUExecutionProvider"]),
+                      input_name, output_name)  # fmt: skip
+            warm = g.run(zeros)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise RegistryError(f"{folder}: {what} does not run: {exc}") from None
+        if not math.isfinite(warm):
+            raise RegistryError(f"{folder}: {what} answers {warm}")
+        return g
+
+    vol = manifest.volatility
+    volatility = graph("the volatility model", vol.file, vol.input_name, vol.output_name)
     models = {}
     for name, entry in manifest.models.items():
-        try:
-            session = ort.InferenceSession(
-                str(folder / entry.file), options, providers=["CPUExecutionProvider"]
-            )
-            model = LoadedModel(name, session, entry.input_name, entry.output_name, entry.intervals.quantiles)
-            warm = model.log_return(np.zeros(len(manifest.feature_spec.names)))
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise RegistryError(f"{folder}: {name} does not run: {exc}") from None
-        if not math.isfinite(warm) or not {"0.8", "0.95"} <= set(entry.intervals.quantiles):
-            raise RegistryError(f"{folder}: {name} answers {warm} or lacks 80/95 % intervals")
-        models[name] = model
-    return ProductModels(manifest, models)
+        if not {"0.8", "0.95"} <= set(entry.intervals.quantiles):
+            raise RegistryError(f"{folder}: {name} lacks 80/95 % intervals")
+        g = None
+        if entry.file and entry.input_name and entry.output_name:  # the registry checks they go together
+            g = graph(name, entry.file, entry.input_name, entry.output_name)
+        models[name] = LoadedModel(name, g, entry.shrink, entry.intervals.quantiles)
+    return ProductModels(manifest, models, volatility)
 
 
 class Inference:
-    def __init__(self, registry: Path, products: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        registry: Path,
+        products: tuple[str, ...],
+        granularities: tuple[int, ...] = (3600,),
+        health: Conditions | None = None,
+    ) -> None:
         self.registry = registry
         self.products = products
-        self.serving: dict[str, ProductModels] = {}
-        self._seen: dict[str, str] = {}
+        self.granularities = granularities
+        self.health = health or Conditions()  # refused versions and an unreadable registry show in /health
+        self.serving: dict[tuple[str, int], ProductModels] = {}
+        self._seen: dict[tuple[str, int], str] = {}
 
     def reload(self) -> bool:
         """Pick up new ``latest`` versions; True if anything changed. Never raises for a bad version."""
         try:
             wanted = latest_versions(self.registry)
         except (OSError, RegistryError, ValueError) as exc:
-            log.error("model registry unreadable; serving what is loaded", extra={"error": str(exc)})
+            self.health.problem("models", "model registry unreadable; serving what is loaded",
+                                registry=str(self.registry), error=str(exc))  # fmt: skip
             return False
+        self.health.ok("models")
         changed = False
-        for product in self.products:
-            version = wanted.get(product)
-            if version is None or self._seen.get(product) == version:
+        for key in ((p, g) for p in self.products for g in self.granularities):
+            product, g = key
+            version = resolve(wanted, product, g)
+            if version is None or self._seen.get(key) == version:
                 continue
-            self._seen[product] = version  # a refused version is not retried until latest changes
+            self._seen[key] = version  # a refused version is not retried until latest changes
             started = time.monotonic()
             try:
-                loaded = load_models(self.registry / version)
-                if loaded.manifest.product != product:
-                    raise RegistryError(f"{version} is a {loaded.manifest.product} model, not {product}")
+                loaded = load_models(version_folder(self.registry, version))
+                m = loaded.manifest
+                if m.product not in (product, ANY_PRODUCT) or m.granularity != g:
+                    raise RegistryError(
+                        f"{version} is a {m.product} {m.granularity}s model, not {product} {g}s"
+                    )
             except RegistryError as exc:
                 MODEL_REFUSED.labels(product).inc()
-                old = self.serving.get(product)
-                log.error("model version refused", extra={
-                    "product": product, "version": version, "error": str(exc),
-                    "still_serving": old.manifest.version if old else None})  # fmt: skip
+                old = self.serving.get(key)
+                self.health.problem(
+                    "models", "model version refused", subject=f"{product} {g}s", version=version,
+                    error=str(exc), still_serving=old.manifest.version if old else None,
+                )  # fmt: skip
                 continue
-            old = self.serving.get(product)
-            self.serving[product] = loaded  # the swap: one assignment
+            old = self.serving.get(key)
+            self.serving[key] = loaded  # the swap: one assignment
+            self.health.ok("models", subject=f"{product} {g}s")
             for name in loaded.models:
                 if old:
                     MODEL_INFO.remove(product, name, old.manifest.version)
                 MODEL_INFO.labels(product, name, version).set(1)
             changed = True
             ms = round((time.monotonic() - started) * 1000, 1)
-            log.info("models loaded", extra={"product": product, "version": version,
+            log.info("models loaded", extra={"product": product, "granularity": g, "version": version,
                                              "models": ",".join(loaded.models), "ms": ms})  # fmt: skip
         return changed
 
-    def models_of(self, product: str) -> list[str]:
-        loaded = self.serving.get(product)
+    def serving_of(self, product: str, granularity: int = 3600) -> ProductModels | None:
+        return self.serving.get((product, granularity))
+
+    def models_of(self, product: str, granularity: int = 3600) -> list[str]:
+        loaded = self.serving_of(product, granularity)
         return sorted(loaded.models) if loaded else []
 
     def predict(self, product: str, series: CandleSeries) -> list[PredictionRow]:
-        """Each model's prediction of the candle after ``series``' last; MissingHistory if it is short."""
-        loaded = self.serving.get(product)
+        """Each model's prediction of the candle after ``series``' last, by the models of the series'
+        granularity; MissingHistory if it is short."""
+        g = series.granularity
+        loaded = self.serving_of(product, g)
         if loaded is None:
             return []
-        g = loaded.manifest.granularity
-        if series.granularity != g:
-            raise ValueError(f"{product} models want {g}s candles, got {series.granularity}s")
         row = feature_row(series)
-        vol = float(realized_volatility(row)[0])
+        sigma = loaded.sigma(row)
         close = float(series.close[-1])
         as_of = int(series.start[-1]) + g
         now = time.time()
         out = []
         for name, model in loaded.models.items():
             r = model.log_return(row)
-            q80, q95 = model.quantiles["0.8"] * vol, model.quantiles["0.95"] * vol
+            q80, q95 = model.quantiles["0.8"] * sigma, model.quantiles["0.95"] * sigma
             out.append(PredictionRow(
                 product, name, as_of, loaded.manifest.version, g, as_of + g, close, close * math.exp(r),
                 close * math.exp(r - q80), close * math.exp(r + q80),

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+#: Record attributes that are not ``extra=`` fields; uvicorn's ``color_message`` is its message again,
+#: with ANSI colour codes, and has no place in a log file.
+_RECORD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None)))
+_NOT_FIELDS = _RECORD | {"message", "asctime", "taskName", "color_message"}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _fields(record: logging.LogRecord) -> dict[str, object]:
-    return {k: v for k, v in vars(record).items() if k not in _STANDARD}
+    return {k: v for k, v in vars(record).items() if k not in _NOT_FIELDS}
 
 
 def _ts(record: logging.LogRecord) -> str:
@@ -20,7 +25,7 @@ def _ts(record: logging.LogRecord) -> str:
 
 def _logfmt_value(value: object) -> str:
     text = str(value)
-    if not text or any(c in text for c in ' ="\\'):
+    if not text or any(c in text for c in ' ="\\') or _CONTROL.search(text):  # a newline or ESC stays escaped
         return json.dumps(text)
     return text
 

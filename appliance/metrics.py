@@ -39,14 +39,24 @@ LAST_TRADE_TIME = Gauge(
 MODEL_INFO = Gauge("cryptopi_model_info", "Model versions serving (value 1)", ["product", "model", "version"])
 MODEL_REFUSED = Counter("cryptopi_model_refused_total", "Registry versions refused, by product", ["product"])
 REALIZED_MAE = Gauge(
-    "cryptopi_realized_mae", "Rolling MAE of realized predictions (persistence as model=persistence)",
-    ["product", "model"],
+    "cryptopi_realized_mae", "Rolling MAE of realized predictions, by product, horizon (s) and model",
+    ["product", "granularity", "model"],
 )  # fmt: skip
 COVERAGE_80 = Gauge("cryptopi_realized_coverage_80", "Share of realized closes inside the 80% interval",
-                    ["product", "model"])  # fmt: skip
+                    ["product", "granularity", "model"])  # fmt: skip
 MQTT_CONNECTED = Gauge("cryptopi_mqtt_connected", "1 while connected to the MQTT broker")
-MQTT_PUBLISHED = Counter("cryptopi_mqtt_published_total", "MQTT messages published, by kind", ["kind"])
+MQTT_PUBLISHED = Counter(
+    "cryptopi_mqtt_published_total",
+    "MQTT messages handed to a connected broker, by kind (prediction, live_price, feed, discovery)",
+    ["kind"],
+)
 HTTP_LATENCY = Histogram(
     "cryptopi_http_request_seconds", "HTTP request latency by route", ["route"],
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )  # fmt: skip
+HTTP_REFUSED = Counter(
+    "cryptopi_http_refused_total",
+    "Requests and connections the HTTP edge refused, by reason (rate_limited, local_only, too_many_streams, "
+    "too_many_connections, idle_evicted, headers_too_large, too_many_headers, header_timeout)",
+    ["reason"],
+)

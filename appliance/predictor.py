@@ -14,6 +14,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 
 from appliance.features import WINDOW, CandleSeries, MissingHistory
 from appliance.inference import Inference
@@ -27,24 +28,34 @@ RELOAD_EVERY_S = 10.0
 ACCURACY_WINDOW = 168  # predictions: a week of hours
 
 
+Horizon = tuple[str, int]  # (product, granularity)
+
+
 class Predictor:
-    def __init__(
-        self, store: Store, inference: Inference, granularity: int = 3600, keeper: StoreKeeper | None = None
-    ) -> None:
+    """Predicts each product at each horizon its models serve (``Inference.granularities``)."""
+
+    def __init__(self, store: Store, inference: Inference, keeper: StoreKeeper | None = None) -> None:
         self.store = store
         self.keeper = keeper
         self.inference = inference
-        self.granularity = granularity
         self.wake = asyncio.Event()
-        #: Why a product has no fresh prediction (shown by /health and in 503s), None when it has one.
-        self.missing: dict[str, str | None] = dict.fromkeys(inference.products, "no candle has closed yet")
+        #: Why a product has no fresh prediction at a horizon (shown by /health and in 503s), None when
+        #: it has one.
+        self.missing: dict[Horizon, str | None] = {
+            (p, g): "no candle has closed yet" for p in inference.products for g in inference.granularities
+        }
         self.listeners: list[Callable[[list[PredictionRow]], None]] = []
-        self._done_as_of: dict[str, int] = {}
-        #: Latest rolling accuracy per (product, model), for whoever publishes predictions.
-        self.accuracy: dict[tuple[str, str], dict[str, float | None]] = {}
+        self._done_as_of: dict[Horizon, int] = {}
+        #: Latest rolling accuracy per (product, granularity, model), for whoever publishes predictions.
+        self.accuracy: dict[tuple[str, int, str], dict[str, float | None]] = {}
+
+    def why_not(self, product: str) -> str | None:
+        """Why ``product`` lacks a fresh prediction at some horizon (each named), None when it has all."""
+        reasons = [f"{g}s: {why}" for (p, g), why in sorted(self.missing.items()) if p == product and why]
+        return "; ".join(reasons) or None
 
     def step(self) -> list[PredictionRow]:
-        """Predict every product whose newest closed candle has no prediction yet."""
+        """Predict every product and horizon whose newest closed candle has no prediction yet."""
         if self.keeper is not None and not self.keeper.writable:
             return []
         try:
@@ -60,53 +71,60 @@ class Predictor:
         self._done_as_of.clear()
 
     def _step(self) -> list[PredictionRow]:
+        started = time.perf_counter()
         made: list[PredictionRow] = []
-        g = self.granularity
         for product in self.inference.products:
-            rows = self.store.series_rows(product, g, last=WINDOW + 2)
-            if not rows:
-                self.missing[product] = "no candles stored yet"
-                continue
-            if self.store.realize(product, g, {r.start: r.close for r in rows[-2:]}):
-                self.score(product)
-            as_of = rows[-1].start + g
-            if self._done_as_of.get(product) == as_of:
-                continue
-            if product not in self.inference.serving:
-                self.missing[product] = "no model loaded"
-                continue
-            try:
-                predictions = self.inference.predict(product, CandleSeries.from_rows(g, rows))
-            except MissingHistory as exc:
-                self.missing[product] = f"history too short: {exc}"
-                continue
-            self.store.save_predictions(predictions)
-            self._done_as_of[product] = as_of
-            self.missing[product] = None
-            made += predictions
+            for g in self.inference.granularities:
+                made += self._predict(product, g)
         if made:
+            log.info("predictions made", extra=round_fields(made, time.perf_counter() - started))
             for listener in self.listeners:
                 listener(made)
         return made
 
-    def score(self, product: str) -> None:
-        """Refresh the rolling accuracy (a week of hours) after new closes came in."""
-        scored = scores(self.store, product, self.inference.models_of(product), ACCURACY_WINDOW)
-        for a in scored:
+    def _predict(self, product: str, g: int) -> list[PredictionRow]:
+        key = (product, g)
+        rows = self.store.series_rows(product, g, last=WINDOW + 2)
+        if not rows:
+            self.missing[key] = "no candles stored yet"
+            return []
+        if self.store.realize(product, g, {r.start: r.close for r in rows[-2:]}):
+            self.score(product, g)
+        as_of = rows[-1].start + g
+        if self._done_as_of.get(key) == as_of:
+            return []
+        if self.inference.serving_of(product, g) is None:
+            self.missing[key] = "no model loaded"
+            return []
+        try:
+            predictions = self.inference.predict(product, CandleSeries.from_rows(g, rows))
+        except MissingHistory as exc:
+            self.missing[key] = f"history too short: {exc}"
+            return []
+        self.store.save_predictions(predictions)
+        self._done_as_of[key] = as_of
+        self.missing[key] = None
+        return predictions
+
+    def score(self, product: str, granularity: int) -> None:
+        """Refresh the rolling accuracy (the newest week of hours, or of 15 minutes) after new closes."""
+        models = self.inference.models_of(product, granularity)
+        for a in scores(self.store, product, models, ACCURACY_WINDOW, granularity):
             if a.mae is not None:
-                REALIZED_MAE.labels(product, a.model).set(a.mae)
-                REALIZED_MAE.labels(product, "persistence").set(a.persistence_mae or 0.0)
-                COVERAGE_80.labels(product, a.model).set(a.coverage_80 or 0.0)
-            self.accuracy[product, a.model] = {"mae": a.mae, "persistence_mae": a.persistence_mae,
-                                               "skill": a.skill, "coverage_80": a.coverage_80}  # fmt: skip
+                REALIZED_MAE.labels(product, str(granularity), a.model).set(a.mae)
+                COVERAGE_80.labels(product, str(granularity), a.model).set(a.coverage_80 or 0.0)
+            self.accuracy[product, granularity, a.model] = {
+                "mae": a.mae, "persistence_mae": a.persistence_mae, "skill": a.skill,
+                "coverage_80": a.coverage_80, "predictions": a.predictions,
+            }  # fmt: skip
 
     async def run(self) -> None:
         """Step when woken (a commit) or when new models came in; otherwise sleep."""
         last_reload = time.monotonic()
         self.step()  # a candle that closed while the appliance was down
         while True:
-            # asyncio.timeout, not wait_for: 3.11's wait_for loses a cancellation that arrives as the
-            # event is set (the ingester's last commit on the way out), and shutdown waits forever.
+            # asyncio.timeout, not wait_for: on 3.11, wait_for loses a cancellation that arrives as the
+            # event is set (the ingester sets it on every commit), and the appliance would not stop.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(RELOAD_EVERY_S):
                     await self.wake.wait()
@@ -114,12 +132,27 @@ class Predictor:
             self.wake.clear()
             reloaded = False
             if time.monotonic() - last_reload >= RELOAD_EVERY_S:
-                reloaded = self.inference.reload()
+                # In a worker thread: checking a new version hashes and loads its files, which must
+                # never stall the API or ingest (the swap itself is one assignment).
+                reloaded = await asyncio.to_thread(self.inference.reload)
                 last_reload = time.monotonic()
             if woken or reloaded:
                 self.step()
 
 
-def scores(store: Store, product: str, models: Sequence[str], window: int) -> list[Accuracy]:
-    """Each model's accuracy over its newest ``window`` predictions."""
-    return [accuracy(m, store.predictions(product, model=m, limit=window)) for m in models]
+def round_fields(rows: Sequence[PredictionRow], seconds: float) -> dict[str, object]:
+    """The log fields of one prediction round: when, how long, and every model's predicted close."""
+    as_of = max(r.as_of for r in rows)
+    return {
+        "as_of": datetime.fromtimestamp(as_of, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "predictions": len(rows), "ms": round(seconds * 1000, 1),
+        **{f"{r.product}.{r.granularity}.{r.model}": round(r.predicted_close, 2) for r in rows},
+    }  # fmt: skip
+
+
+def scores(
+    store: Store, product: str, models: Sequence[str], window: int, granularity: int | None = None
+) -> list[Accuracy]:
+    """Each model's accuracy over its newest ``window`` predictions (of one horizon, if given)."""
+    return [accuracy(m, store.predictions(product, model=m, limit=window, granularity=granularity))
+            for m in models]  # fmt: skip

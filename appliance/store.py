@@ -85,10 +85,36 @@ MIGRATIONS: tuple[str, ...] = (
     ) WITHOUT ROWID;
     CREATE INDEX predictions_unrealized ON predictions (product, target_time) WHERE realized_close IS NULL;
     """,
-    # 3: trade candles keyed time first, so one commit of every product's newest minute and hour
-    # touches a few adjacent pages rather than two per product (what an SD card writes).
+    # 3: a prediction per horizon too: an hourly close is also a 15-minute close, so the key needs the
+    # granularity (before it, the second horizon's prediction of the same close was dropped).
     """
-    CREATE TABLE trade_candles_v3 (
+    CREATE TABLE predictions_by_horizon (
+        product TEXT NOT NULL,
+        model TEXT NOT NULL,
+        as_of INTEGER NOT NULL,
+        model_version TEXT NOT NULL,
+        granularity INTEGER NOT NULL,
+        target_time INTEGER NOT NULL,
+        last_close REAL NOT NULL,
+        predicted_close REAL NOT NULL,
+        lower_80 REAL NOT NULL, upper_80 REAL NOT NULL,
+        lower_95 REAL NOT NULL, upper_95 REAL NOT NULL,
+        created_at REAL NOT NULL,
+        realized_close REAL,
+        PRIMARY KEY (product, granularity, model, as_of)
+    ) WITHOUT ROWID;
+    INSERT INTO predictions_by_horizon SELECT * FROM predictions;
+    DROP TABLE predictions;
+    ALTER TABLE predictions_by_horizon RENAME TO predictions;
+    CREATE INDEX predictions_unrealized ON predictions (product, granularity, target_time)
+        WHERE realized_close IS NULL;
+    """,
+    # 4: trade candles keyed time first, so one commit of every product's newest minute, quarter and hour
+    # touches a few adjacent pages rather than three per product (what an SD card writes). And the
+    # 15-minute trade candles rebuilt from the minute candles kept (exact, like them): a store of
+    # schema 2 had none, and one upgraded to 3 began them part-way through a quarter.
+    """
+    CREATE TABLE trade_candles_v4 (
         product TEXT NOT NULL,
         granularity INTEGER NOT NULL,
         start INTEGER NOT NULL,
@@ -97,9 +123,24 @@ MIGRATIONS: tuple[str, ...] = (
         trades INTEGER NOT NULL CHECK (trades > 0),
         PRIMARY KEY (granularity, start, product)
     ) WITHOUT ROWID;
-    INSERT INTO trade_candles_v3 SELECT * FROM trade_candles;
+    INSERT INTO trade_candles_v4 SELECT * FROM trade_candles;
+    INSERT OR REPLACE INTO trade_candles_v4
+    SELECT product, 900, quarter, open, high, low, close, volume_e8, trades FROM (
+        SELECT product, start - start % 900 AS quarter,
+            first_value(open) OVER q AS open, max(high) OVER q AS high, min(low) OVER q AS low,
+            last_value(close) OVER q AS close, sum(volume_e8) OVER q AS volume_e8,
+            sum(trades) OVER q AS trades, row_number() OVER q AS n
+        FROM trade_candles WHERE granularity = 60
+        WINDOW q AS (PARTITION BY product, start - start % 900 ORDER BY start
+                     ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)
+    ) AS m WHERE n = 1 AND quarter >= (  -- from ingest's first quarter, or the first whole one kept
+        SELECT CASE WHEN min(t.start) <= s.first_trade_time_us / 1000000
+                    THEN min(t.start) - min(t.start) % 900 ELSE (min(t.start) + 899) / 900 * 900 END
+        FROM trade_candles AS t JOIN ingest_state AS s USING (product)
+        WHERE t.granularity = 60 AND t.product = m.product
+    );
     DROP TABLE trade_candles;
-    ALTER TABLE trade_candles_v3 RENAME TO trade_candles;
+    ALTER TABLE trade_candles_v4 RENAME TO trade_candles;
     """,
 )
 
@@ -442,28 +483,36 @@ class Store:
         since: int | None = None,
         at: int | None = None,
         limit: int | None = None,
+        granularity: int | None = None,
     ) -> list[PredictionRow]:
-        """Predictions newest first: of one model or all, with ``since <= as_of <= at``."""
+        """Predictions newest first, of one model and horizon or all, with ``since <= as_of <= at``."""
         sql = "SELECT * FROM predictions WHERE product = ? AND as_of >= ? AND as_of <= ?"
         args: list[object] = [product, since if since is not None else 0, at if at is not None else 2**62]
         if model is not None:
             sql += " AND model = ?"
             args.append(model)
+        if granularity is not None:
+            sql += " AND granularity = ?"
+            args.append(granularity)
         sql += " ORDER BY as_of DESC, model"
         if limit is not None:
             sql += " LIMIT ?"
             args.append(limit)
         return [PredictionRow(*row) for row in self._db.execute(sql, args)]
 
-    def latest_predictions(self, product: str) -> list[PredictionRow]:
-        """The newest prediction of every model of a product."""
+    def latest_predictions(self, product: str, granularity: int | None = None) -> list[PredictionRow]:
+        """The newest prediction of every model of a product (at one horizon, or at each)."""
+        where = "product = ?" + (" AND granularity = ?" if granularity is not None else "")
+        args = (product, granularity) if granularity is not None else (product,)
         rows = self._db.execute(
-            """
+            f"""
             SELECT p.* FROM predictions AS p JOIN (
-                SELECT model, max(as_of) AS as_of FROM predictions WHERE product = ? GROUP BY model
-            ) AS newest USING (model, as_of) WHERE p.product = ? ORDER BY p.model
+                SELECT granularity, model, max(as_of) AS as_of FROM predictions WHERE {where}
+                GROUP BY granularity, model
+            ) AS newest USING (granularity, model, as_of)
+            WHERE p.product = ? ORDER BY p.granularity DESC, p.model
             """,
-            (product, product),
+            (*args, product),
         )
         return [PredictionRow(*row) for row in rows]
 
@@ -471,9 +520,9 @@ class Store:
         """Record the realized close of predicted candles (keyed by candle start) that have closed."""
         with self._transaction() as db:
             cur = db.executemany(
-                "UPDATE predictions SET realized_close = ? WHERE product = ? AND target_time = ?"
-                " AND realized_close IS NULL",
-                [(close, product, start + granularity) for start, close in closes.items()],
+                "UPDATE predictions SET realized_close = ? WHERE product = ? AND granularity = ?"
+                " AND target_time = ? AND realized_close IS NULL",
+                [(close, product, granularity, start + granularity) for start, close in closes.items()],
             )
         return cur.rowcount
 

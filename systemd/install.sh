@@ -1,7 +1,8 @@
 #!/bin/sh
 # Install cryptopi on a Raspberry Pi (Debian / Raspberry Pi OS) as systemd services:
 #   cryptopi.service          the docker compose stack, up on boot
-#   cryptopi-webhook.service  the Docker Hub deploy webhook (python -m webhook, 127.0.0.1:8081)
+#   cryptopi-webhook.service  the Docker Hub deploy webhook (python -m webhook: hook on 127.0.0.1:8081,
+#                             local-only API on 127.0.0.1:8082)
 #   cloudflared.service       the Cloudflare tunnel, only with --with-cloudflared
 #
 # Run as root from the checkout at /opt/cryptopi:  sudo /opt/cryptopi/systemd/install.sh
@@ -89,7 +90,8 @@ fi
 if new_file "$CONF/cryptopi.env" 0644; then
     cat >"$CONF/cryptopi.env" <<'EOF'
 # cryptopi compose variables: docker compose --env-file /etc/cryptopi/cryptopi.env (see compose.yaml).
-# After editing: systemctl reload cryptopi
+# After changing the image or tag: systemctl reload cryptopi (a deploy through the webhook's health gate).
+# After changing anything else: systemctl restart cryptopi.
 CRYPTOPI_IMAGE=docker.io/cryptopi/appliance
 CRYPTOPI_TAG=latest
 CRYPTOPI_MQTT_URL=mqtt://127.0.0.1:1883
@@ -211,7 +213,7 @@ fi
 [ "$CHANGED" = yes ] || say "nothing changed"
 say ""
 say "Next steps:"
-say "  - Check /etc/cryptopi/cryptopi.env (image, tag, MQTT broker); then: systemctl reload cryptopi"
+say "  - Check /etc/cryptopi/cryptopi.env (image, tag, MQTT broker); then: systemctl restart cryptopi"
 if [ "$WEBHOOK_INIT" = yes ]; then
     say "  - Paste the webhook URL printed above into Docker Hub (repository > Webhooks)."
 else
@@ -219,7 +221,8 @@ else
     say "    (repository > Webhooks) is your tunnel's hostname with the secret CRYPTOPI_WEBHOOK_TOKEN of that"
     say "    file in its path (see README.md); then: systemctl restart cryptopi-webhook"
 fi
-say "  - The webhook listens on 127.0.0.1:8081: point the tunnel's public hostname at http://127.0.0.1:8081."
+say "  - The webhook's hook listens on 127.0.0.1:8081: point the tunnel's hook hostname at http://127.0.0.1:8081"
+say "    (path ^/hooks/dockerhub/). Never publish 127.0.0.1:8082: deployments, metrics, deploys by hand."
 if [ "$TUNNEL_WAITS" = yes ]; then
     say "  - Put the tunnel token (Cloudflare dashboard) in /etc/cryptopi/cloudflared.token, then run"
     say "    this script again with --with-cloudflared (or: systemctl enable --now cloudflared)."

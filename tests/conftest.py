@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -27,15 +27,24 @@ from appliance.replay.tape import load_tape
 from appliance.settings import Settings
 from appliance.store import Store
 
-#: The private dockerd, registry and base image of the Docker tests: one of each per session.
-pytest_plugins = ["tests.dockerenv"]
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Playwright
+
+#: The private dockerd, registry and base image of the Docker tests, and the real Home Assistant: one of
+#: each per session.
+pytest_plugins = ["tests.dockerenv", "tests.homeassistant"]
 
 REPO = Path(__file__).resolve().parent.parent
 DATASETS = REPO / "appliance" / "datasets"
 CAPTURE = DATASETS / "coinbase_ws_exchange_feed_2026-07-07_BTC-USD_ETH-USD_matches_heartbeat.jsonl"
+RAW_CAPTURE_2026 = DATASETS / "coinbase_ws_exchange_feed_2026-07-07_BTC-USD_ETH-USD_raw.jsonl"
+RAW_CAPTURE_2021 = DATASETS / "coinbase_ws_exchange_feed_2021-04-17_raw.jsonl"
+ADVANCED_TRADE_CAPTURE = DATASETS / "coinbase_ws_advanced_trade_2026-08-09_no_l2.jsonl"
 BTC_1H = DATASETS / "coinbase_BTC-USD_1h.csv"
 ETH_1H = DATASETS / "coinbase_ETH-USD_1h.csv"
 BTC_1M = DATASETS / "coinbase_BTC-USD_1m.csv"
+BTC_15M = DATASETS / "coinbase_BTC-USD_15m.csv"
+ETH_15M = DATASETS / "coinbase_ETH-USD_15m.csv"
 # 2025-09-01 .. 2025-10-01 (epoch s): a month of both products, ~10k generated trades.
 SEPT_2025 = (1756684800, 1759276800)
 
@@ -48,6 +57,13 @@ def stop(proc: subprocess.Popen[Any], grace_s: float = 10) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(10)
+
+
+def chromium(pw: Playwright) -> Browser:
+    """Debian's Chromium, headless, with none of its own traffic (updates, sync, QUIC)."""
+    return pw.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium", args=[
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"])  # fmt: skip
 
 
 def free_port() -> int:
@@ -170,6 +186,23 @@ async def running() -> AsyncIterator[Callable[..., asyncio.Task[None]]]:
             await task
 
 
+class FakeClock:
+    """A clock the test sets (``now``); its sleeps return at once, so a waiting deployer looks again."""
+
+    def __init__(self, now: float, synced: bool = True) -> None:
+        self.now = now
+        self.synced = synced
+
+    def time(self) -> float:
+        return self.now
+
+    def synchronized(self) -> bool:
+        return self.synced
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(0.02)
+
+
 class MetricDelta:
     """How much each ``cryptopi_*`` sample has grown since construction (counters are process-wide)."""
 
@@ -194,6 +227,12 @@ class MetricDelta:
 def btc_hourly() -> CandleSeries:
     """All real BTC-USD hourly candles (2023-12-31 .. 2026-05-08, two real 5-hour holes)."""
     return CandleSeries.from_rows(3600, [c.row() for c in read_candle_csv(BTC_1H)])
+
+
+@pytest.fixture(scope="session")
+def btc_15m() -> CandleSeries:
+    """All real BTC-USD 15-minute candles (2024-04-18 .. 2026-05-08, four real holes)."""
+    return CandleSeries.from_rows(900, [c.row() for c in read_candle_csv(BTC_15M, 900)])
 
 
 class Broker:
@@ -240,7 +279,7 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
 
 
 class MqttWatcher:
-    """A plain paho subscriber that records the last payload (and a count) per topic."""
+    """A plain paho subscriber that records every payload per topic (the last one, and a count)."""
 
     def __init__(self, port: int, topics: Sequence[str]) -> None:
         import paho.mqtt.client as mqtt
@@ -248,11 +287,13 @@ class MqttWatcher:
 
         self.last: dict[str, bytes] = {}
         self.count: dict[str, int] = {}
+        self.history: dict[str, list[bytes]] = {}
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2)
 
         def on_message(client: Any, userdata: Any, msg: Any) -> None:
             self.last[msg.topic] = msg.payload
             self.count[msg.topic] = self.count.get(msg.topic, 0) + 1
+            self.history.setdefault(msg.topic, []).append(msg.payload)
 
         def on_connect(client: Any, *_: Any) -> None:
             for topic in topics:
@@ -359,3 +400,73 @@ def appliance(data: Path, replay_port: int, log: Path) -> Iterator[Appliance]:
         yield app
     finally:
         app.kill()
+
+
+def all_predicting(health: dict[str, Any]) -> bool:
+    return all(p["prediction"] == "ok" for p in health["products"].values())
+
+
+@contextlib.contextmanager
+def appliance_up(
+    data: Path,
+    broker: Broker | None,
+    replay_port: int,
+    port: int | None = None,
+    ready: Callable[[dict[str, Any]], bool] = all_predicting,
+    wrapper: Sequence[str] = (),
+    **settings: str,
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``python -m appliance up`` on a replay server (and Mosquitto), until ``ready(/health)``: by
+    default, until every product has a prediction. ``settings`` are more CRYPTOPI_* variables (by field
+    name); ``wrapper`` is a command that runs the appliance (``prlimit ...``).
+
+    Its API listens on ``port`` (a free one by default). The log goes on in ``data/up.log`` across
+    restarts; whatever is still running is killed at the end.
+    """
+    port = port or free_port()
+    env = os.environ | {
+        "CRYPTOPI_DATA_DIR": str(data), "CRYPTOPI_HTTP_HOST": "127.0.0.1",
+        "CRYPTOPI_HTTP_PORT": str(port),
+        "CRYPTOPI_COINBASE_WS_URL": f"ws://127.0.0.1:{replay_port}",
+        "CRYPTOPI_COINBASE_REST_URL": f"http://127.0.0.1:{replay_port}",
+    } | ({"CRYPTOPI_MQTT_URL": broker.url} if broker else {}) | {
+        f"CRYPTOPI_{name.upper()}": value for name, value in settings.items()
+    }  # fmt: skip
+    log = (data / "up.log").open("ab")
+    proc = subprocess.Popen([*wrapper, sys.executable, "-m", "appliance", "up"], env=env, cwd=REPO,
+                            stdout=log, stderr=log)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    try:
+        while True:
+            assert proc.poll() is None, (data / "up.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, (data / "up.log").read_text()[-3000:]
+            try:
+                if ready(httpx.get(f"{url}/health", timeout=2).json()):
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+
+
+@contextlib.contextmanager
+def running_up(
+    data: Path,
+    broker: Broker | None,
+    market: Sequence[str] = LIVE_MARKET_ARGS,
+    ready: Callable[[dict[str, Any]], bool] = all_predicting,
+    wrapper: Sequence[str] = (),
+    **settings: str,
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Replay server (+ Mosquitto) + ``python -m appliance up``, until ``ready(/health)``."""
+    with (
+        replay_process(market) as replay_port,
+        appliance_up(data, broker, replay_port, None, ready, wrapper, **settings) as up,
+    ):
+        yield up

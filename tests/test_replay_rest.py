@@ -1,15 +1,21 @@
 """The replay server speaks Coinbase's REST: cursor pagination, newest-first rows, its limits."""
 
+import asyncio
+import json
+import logging
+import time
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+import websockets
 
-from appliance.candles import aggregate
+from appliance.candles import US, aggregate
 from appliance.coinbase.rest import CoinbaseRest, CoinbaseRestError
-from appliance.replay.server import ReplayServer
-from appliance.replay.tape import load_tape
-from tests.conftest import BTC_1H, SEPT_2025
+from appliance.health import Conditions
+from appliance.replay.server import Faults, ReplayServer
+from appliance.replay.tape import Halt, load_tape
+from tests.conftest import BTC_1H, ETH_1H, SEPT_2025
 
 
 @pytest.fixture
@@ -100,3 +106,107 @@ async def test_client_error_is_clear_and_not_retried(server) -> None:
             await rest.trades("NOPE-USD")
         with pytest.raises(ValueError, match="granularity 120"):
             await rest.candles("BTC-USD", 120, 0, 1200)
+
+
+async def test_products_list_statuses_and_halts() -> None:
+    trades = load_tape(candles=[("BTC-USD", BTC_1H), ("ETH-USD", ETH_1H)], start=SEPT_2025[0],
+                       end=SEPT_2025[0] + 86400)  # fmt: skip
+    halt = Halt("ETH-USD", (SEPT_2025[0] + 6 * 3600) * US, (SEPT_2025[0] + 12 * 3600) * US)
+    srv = ReplayServer(trades, start_at_us=halt.start_us + 1, listed={"LUNA-USD": "delisted"}, halts=[halt])
+    port = await srv.start()
+    try:
+        async with CoinbaseRest(f"http://127.0.0.1:{port}") as rest:
+            listing = {r.id: r for r in await rest.products()}
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            one = (await http.get("/products/LUNA-USD")).json()
+            missing = await http.get("/products/NOPE-USD")
+    finally:
+        await srv.close()
+    assert listing["BTC-USD"].halted_by == ()
+    assert listing["ETH-USD"].halted_by == ("trading_disabled", "cancel_only")  # halted now
+    assert listing["LUNA-USD"].status == "delisted"
+    assert one["status"] == "delisted"
+    assert missing.status_code == 404
+    # During the halt no trade happens: the tape closes up its ids, as Coinbase's stay consecutive.
+    eth = srv.products["ETH-USD"].trades
+    assert [t.trade_id for t in eth] == list(range(eth[0].trade_id, eth[0].trade_id + len(eth)))
+    assert not [t for t in eth if halt.start_us <= t.time_us < halt.end_us]
+
+
+async def test_rest_failures_are_retried(caplog: pytest.LogCaptureFixture) -> None:
+    """5xx answers, Cloudflare's HTML pages and stalls past the timeout are retried until they pass."""
+    caplog.set_level(logging.INFO)
+    trades = load_tape(candles=[("BTC-USD", BTC_1H)], start=SEPT_2025[0], end=SEPT_2025[0] + 86400)
+    faults = Faults(rest_error_rate=0.4, rest_stall_rate=0.2, rest_stall_s=1.0, seed=3)
+    srv = ReplayServer(trades, start_at_us=trades[-1].time_us, rest_rate_limit=0, faults=faults)
+    port = await srv.start()
+    health = Conditions()
+    try:
+        async with CoinbaseRest(f"http://127.0.0.1:{port}", timeout_s=0.3, max_backoff_s=0.2, max_attempts=20,
+                                health=health) as rest:  # fmt: skip
+            pages = [await rest.trades("BTC-USD", limit=10) for _ in range(10)]
+    finally:
+        await srv.close()
+    assert all(len(p.trades) == 10 for p in pages)
+    assert {k: v > 0 for k, v in srv.injected.items()} == {
+        "rest_5xx": True,
+        "rest_html": True,
+        "rest_stalled": True,
+    }
+    retries = {getattr(r, "detail", "") for r in caplog.records if r.getMessage() == "coinbase rest retry"}
+    assert "HTTP 520: api.exchange.coinbase.com | 520: Web server is returning an unknown error" in retries
+    assert "HTTP 503: service unavailable" in retries
+    assert any(d.startswith("ReadTimeout") for d in retries)
+    assert health.current() == []  # working again
+
+
+async def test_failing_rest_is_said_once_naming_host_and_error(caplog: pytest.LogCaptureFixture) -> None:
+    trades = load_tape(candles=[("BTC-USD", BTC_1H)], start=SEPT_2025[0], end=SEPT_2025[0] + 86400)
+    srv = ReplayServer(
+        trades, start_at_us=trades[-1].time_us, rest_rate_limit=0, faults=Faults(rest_error_rate=1)
+    )
+    port = await srv.start()
+    health = Conditions()
+    try:
+        async with CoinbaseRest(f"http://127.0.0.1:{port}", max_backoff_s=0.05, max_attempts=6,
+                                health=health) as rest:  # fmt: skip
+            with pytest.raises(CoinbaseRestError, match="gave up after 6 attempts: HTTP 5"):
+                await rest.trades("BTC-USD")
+    finally:
+        await srv.close()
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == [f"Coinbase REST failing (127.0.0.1:{port})"]  # once, from the third failure on
+    problem = health.of("coinbase-rest")
+    assert problem is not None
+    assert problem.detail["attempt"] == 6
+    assert problem.detail["last_error"].startswith("HTTP 5")
+
+
+async def test_rest_can_lag_behind_the_feed(capture_tape) -> None:
+    """A trade the feed has sent is not known to REST for ``rest_lag_s``: the client must wait for it."""
+    srv = ReplayServer(capture_tape, faults=Faults(rest_lag_s=3.0), rest_rate_limit=0)
+    port = await srv.start()
+    try:
+        async with (
+            websockets.connect(f"ws://127.0.0.1:{port}") as ws,
+            CoinbaseRest(f"http://127.0.0.1:{port}") as rest,
+        ):
+            await ws.send(
+                json.dumps({"type": "subscribe", "product_ids": ["BTC-USD"], "channels": ["matches"]})
+            )
+            seen = 0
+            while seen < 20:  # live matches, just sent
+                msg = json.loads(await ws.recv())
+                seen += msg["type"] == "match"
+            newest = msg["trade_id"]
+
+            async def known() -> int:
+                return max((t.trade_id for t in (await rest.trades("BTC-USD")).trades), default=0)
+
+            assert await known() < newest
+            deadline = time.monotonic() + 30
+            while await known() < newest:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.2)
+    finally:
+        await srv.close()

@@ -161,3 +161,38 @@ def test_predictions_are_kept_once_and_realized_later(tmp_path: Path) -> None:
         assert store.realize("BTC-USD", 3600, {7200: 100.7}) == 2  # the candle 7200..10800 closed at 100.7
         realized = store.predictions("BTC-USD", model="lasso", at=7200)
         assert [(p.predicted_close, p.realized_close) for p in realized] == [(100.5, 100.7)]
+
+
+def test_each_horizon_keeps_its_own_prediction_of_the_same_close(tmp_path: Path) -> None:
+    """An hourly close is a 15-minute close too: both horizons' predictions from it are kept and realized."""
+
+    def row(g: int, model: str) -> PredictionRow:
+        return PredictionRow(
+            "BTC-USD", model, 7200, "v1", g, 7200 + g, 100.0, 100.5, 99.0, 101.0, 98.0, 102.0, 0.0
+        )
+
+    with Store(tmp_path / "db.sqlite3") as store:
+        assert store.save_predictions([row(3600, "cnn"), row(900, "cnn"), row(900, "lasso")]) == 3
+        assert [(p.granularity, p.model) for p in store.latest_predictions("BTC-USD")] == [
+            (3600, "cnn"), (900, "cnn"), (900, "lasso"),
+        ]  # fmt: skip
+        assert [p.model for p in store.latest_predictions("BTC-USD", 900)] == ["cnn", "lasso"]
+        assert store.realize("BTC-USD", 900, {7200: 100.2}) == 2  # the quarter 7200..8100 closed
+        assert [p.realized_close for p in store.predictions("BTC-USD", granularity=3600)] == [None]
+        assert [p.realized_close for p in store.predictions("BTC-USD", granularity=900)] == [100.2, 100.2]
+
+
+def test_predictions_of_schema_2_move_to_the_per_horizon_key(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    db = sqlite3.connect(path)
+    for number, migration in enumerate(MIGRATIONS[:2], start=1):
+        db.executescript(migration + f"; PRAGMA user_version = {number}")
+    db.execute("INSERT INTO predictions VALUES ('BTC-USD', 'cnn', 7200, 'v1', 3600, 10800, 100.0, 100.5,"
+               " 99.0, 101.0, 98.0, 102.0, 0.0, 100.7)")  # fmt: skip
+    db.commit()
+    db.close()
+    with Store(path) as store:
+        assert store.schema_version == len(MIGRATIONS)
+        (kept,) = store.predictions("BTC-USD", granularity=3600)
+        assert (kept.model, kept.as_of, kept.realized_close) == ("cnn", 7200, 100.7)
+        assert store.integrity_check() == "ok"

@@ -1,6 +1,7 @@
-"""Upgrades: a store written by the previous release upgrades in place, with all of its data, and ingest
-goes on from its cursors; a store written by a newer release is refused with a clear message and left
-byte-identical, by the one-shot commands and by the running appliance alike."""
+"""Upgrades: a store written by an earlier release (schema 2, and schema 3 as shipped with the 15-minute
+horizon) upgrades in place, with all of its data, and ingest goes on from its cursors; a store written
+by a newer release is refused with a clear message and left byte-identical, by the one-shot commands
+and by the running appliance alike."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,8 +24,11 @@ from appliance.replay.tape import load_tape
 from appliance.store import MIGRATIONS, Store, StoreRefused
 from tests.conftest import BTC_1H, ETH_1H, REPO, appliance, assert_store_matches_tape, make_settings, wait_for
 
-#: Written by commit ea3ef63's own appliance (tests/data/SOURCES.md says how).
-PREVIOUS = REPO / "tests" / "data" / "store_schema2_ea3ef63.sqlite3"
+#: Written by commits ea3ef63 (schema 2) and c2bb9f5 (schema 3)'s own appliance (tests/data/SOURCES.md).
+EARLIER = {
+    2: REPO / "tests" / "data" / "store_schema2_ea3ef63.sqlite3",
+    3: REPO / "tests" / "data" / "store_schema3_c2bb9f5.sqlite3",
+}
 PRODUCTS = ("BTC-USD", "ETH-USD")
 COLUMNS = {  # every column, named: the upgrade may reorder a table's key, never its data
     "trade_candles": "product, granularity, start, open, high, low, close, volume_e8, trades",
@@ -33,7 +38,10 @@ COLUMNS = {  # every column, named: the upgrade may reorder a table's key, never
 }
 
 
-def contents(db: Path) -> dict[str, set[tuple[object, ...]]]:
+Row = tuple[Any, ...]  # a table's row, as sqlite3 gives it
+
+
+def contents(db: Path) -> dict[str, set[Row]]:
     raw = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
         return {t: set(raw.execute(f"SELECT {cols} FROM {t}")) for t, cols in COLUMNS.items()}
@@ -53,26 +61,50 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.fixture
-def previous(tmp_path: Path) -> Path:
+@pytest.fixture(params=sorted(EARLIER), ids=lambda v: f"schema{v}")
+def previous(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
     db = tmp_path / "cryptopi.sqlite3"
-    shutil.copy(PREVIOUS, db)
+    shutil.copy(EARLIER[request.param], db)
+    assert schema_version(db) == request.param
     return db
 
 
-def test_a_store_of_the_previous_release_upgrades_in_place_with_its_data(previous: Path) -> None:
+def quarters_of(minutes: set[Row]) -> set[Row]:
+    """The 15-minute trade candles the minute ones add up to (rows as in ``COLUMNS``), by hand."""
+    groups: dict[tuple[object, int], list[Row]] = {}
+    for row in sorted(minutes, key=lambda r: (r[0], r[2])):
+        groups.setdefault((row[0], row[2] // 900 * 900), []).append(row)
+    return {(product, 900, start, rows[0][3], max(r[4] for r in rows), min(r[5] for r in rows), rows[-1][6],
+             sum(r[7] for r in rows), sum(r[8] for r in rows))
+            for (product, start), rows in groups.items()}  # fmt: skip
+
+
+def test_a_store_of_an_earlier_release_upgrades_in_place_with_its_data(previous: Path) -> None:
     before = contents(previous)
-    assert schema_version(previous) == 2
     assert all(before.values()), "the fixture should hold every kind of row"
+    minutes = {r for r in before["trade_candles"] if r[1] == 60}
     with Store(previous) as store:
         assert store.schema_version == len(MIGRATIONS)
         assert store.integrity_check() == "ok"
         assert len(store.series_rows("BTC-USD", 3600, last=48)) == 48
+        # Schema 2 had no 15-minute history: the quarters the tape's sparse trades missed stay holes
+        # for the history keeper to fill over REST; every other quarter is served from the rebuild.
+        assert {r.start for r in store.series_rows("BTC-USD", 900)} >= {
+            r[2] for r in quarters_of(minutes) if r[0] == "BTC-USD"
+        } - {max(r[2] for r in quarters_of(minutes) if r[0] == "BTC-USD")}  # the newest is still open
         assert any(p.realized_close for p in store.predictions("ETH-USD"))
-    assert contents(previous) == before
+    after = contents(previous)
+    # Every row kept; the 15-minute trade candles are the minutes' sums (schema 2 had none; schema 3's
+    # were built by ingest from the same trades, so they come out the same).
+    assert {t: rows for t, rows in after.items() if t != "trade_candles"} == {
+        t: rows for t, rows in before.items() if t != "trade_candles"
+    }
+    kept = [{r for r in c["trade_candles"] if r[1] != 900} for c in (before, after)]
+    assert kept[0] == kept[1]
+    assert {r for r in after["trade_candles"] if r[1] == 900} == quarters_of(minutes)
     with Store(previous) as store:  # opening it again migrates nothing
         assert store.schema_version == len(MIGRATIONS)
-    assert contents(previous) == before
+    assert contents(previous) == after
 
 
 async def test_ingest_goes_on_from_an_upgraded_stores_cursors(previous: Path, running) -> None:

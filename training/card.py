@@ -1,4 +1,4 @@
-"""The model card: what was trained on what, how it scored against persistence, and three plots."""
+"""The model card: what was trained on what, how it scored against persistence, and four plots."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import numpy as np
 
 from training.data import iso
 from training.evaluate import LEVELS, bounds
+from training.models import Shrunk
 
 if TYPE_CHECKING:
     from training.pipeline import Scored
@@ -23,21 +24,32 @@ COLUMNS = [
     ("rmse", "RMSE", "{:,.2f}"),
     ("mape_pct", "MAPE %", "{:.3f}"),
     ("skill_vs_persistence", "skill vs persistence", "{:+.2%}"),
+    ("dm_stat", "DM stat", "{:+.2f}"),
+    ("dm_p", "DM p (worse)", "{:.3f}"),
     ("directional_accuracy", "direction", "{:.1%}"),
     ("coverage_80", "80% coverage", "{:.1%}"),
     ("coverage_95", "95% coverage", "{:.1%}"),
     ("interval_score_80", "80% interval score", "{:,.1f}"),
     ("interval_skill_80", "80% interval skill", "{:+.1%}"),
+    ("interval_skill_95", "95% interval skill", "{:+.1%}"),
+]
+TERCILES = [(f"coverage_{level}_tercile_{t}", f"{level}% in tercile {t}", "{:.1%}")
+            for level in (80, 95) for t in (1, 2, 3)]  # fmt: skip
+SCALE_COLUMNS = [
+    ("interval_skill_80", "80% volatility model", "{:+.1%}"),
+    ("interval_skill_95", "95% volatility model", "{:+.1%}"),
+    ("rv24_interval_skill_80", "80% last-24 realized", "{:+.1%}"),
+    ("rv24_interval_skill_95", "95% last-24 realized", "{:+.1%}"),
 ]
 
 
-def table(scores: dict[str, dict[str, float | None]]) -> str:
+def table(scores: dict[str, dict[str, float | None]], columns: list[tuple[str, str, str]] = COLUMNS) -> str:
     lines = [
-        "| model | " + " | ".join(label for _, label, _ in COLUMNS) + " |",
-        "|---|" + "---|" * len(COLUMNS),
+        "| model | " + " | ".join(label for _, label, _ in columns) + " |",
+        "|---|" + "---|" * len(columns),
     ]
     for name, m in scores.items():
-        cells = [fmt.format(m[key]) if m.get(key) is not None else "n/a" for key, _, fmt in COLUMNS]
+        cells = [fmt.format(m[key]) if m.get(key) is not None else "n/a" for key, _, fmt in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -45,6 +57,7 @@ def table(scores: dict[str, dict[str, float | None]]) -> str:
 def write_card(folder: Path, product: str, s: Scored) -> None:
     test, g = s.test, s.test.granularity
     predictions = {name: m.predict(test.X) for name, m in s.models.items()}
+    sigma = s.volatility.sigma(test.X)
     times = (test.start + 2 * g).astype("datetime64[s]")  # when each predicted candle closes
     recent = slice(max(0, len(test) - PLOT_DAYS * 86_400 // g), len(test))
 
@@ -54,7 +67,7 @@ def write_card(folder: Path, product: str, s: Scored) -> None:
         ax.plot(
             times[recent], (test.close * np.exp(predictions[name]))[recent], color=colour, lw=0.9, label=name
         )
-    lo, hi = bounds(test, predictions["lasso"], s.calibration["lasso"].scaled["0.8"])
+    lo, hi = bounds(test, predictions["lasso"], s.calibration["lasso"].served["0.8"] * sigma)
     ax.fill_between(
         times[recent], lo[recent], hi[recent], color="tab:blue", alpha=0.15, label="lasso 80% interval"
     )
@@ -91,11 +104,35 @@ def write_card(folder: Path, product: str, s: Scored) -> None:
     fig.savefig(folder / "coverage.png", dpi=90)
     plt.close(fig)
 
+    # Interval width against the move that came: the volatility model's sigma is what adapts.
+    moved = np.abs(test.log_return) * 100
+    half = s.calibration["persistence"].served["0.8"] * sigma * 100
+    fig, ax = plt.subplots(figsize=(7, 5))
+    ax.scatter(half, moved, s=3, alpha=0.25, color="tab:blue", label="a prediction")
+    edges = np.quantile(half, np.linspace(0, 1, 11))
+    bins = np.clip(np.searchsorted(edges, half, side="right") - 1, 0, 9)
+    centre = [np.median(half[bins == b]) for b in range(10)]
+    ax.plot(centre, [np.quantile(moved[bins == b], 0.8) for b in range(10)], "o-", color="tab:orange",
+            label="80th percentile of |move| per width decile")  # fmt: skip
+    top = float(np.quantile(half, 0.995))
+    ax.plot([0, top], [0, top], "k--", lw=1, label="|move| = half-width")
+    ax.set_xlim(0, top)
+    ax.set_ylim(0, float(np.quantile(moved, 0.995)))
+    ax.set_xlabel("80% interval half-width (% of price)")
+    ax.set_ylabel("realized |move| (%)")
+    ax.set_title(f"{product}: interval width against the realized move (hold-out)")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(folder / "width.png", dpi=90)
+    plt.close(fig)
+
     first, last = iso(test.start[0] + g), iso(test.start[-1] + 2 * g)
     multipliers = ", ".join(
-        f"{name} {c.scaled['0.8']:.2f} (80 %) / {c.scaled['0.95']:.2f} (95 %)"
+        f"{name} {c.served['0.8']:.2f} (80 %) / {c.served['0.95']:.2f} (95 %)"
         for name, c in s.calibration.items()
     )
+    shrink = ", ".join(f"{name} {m.factor:.2f}" for name, m in s.models.items() if isinstance(m, Shrunk))
+    vol = s.volatility.params
     (folder / "MODEL_CARD.md").write_text(f"""# {product} next-candle models
 
 Trained on real Coinbase {product} candles of {g} s. The training period runs from
@@ -104,31 +141,52 @@ Trained on real Coinbase {product} candles of {g} s. The training period runs fr
 choosing the regularisation or calibrating the intervals.
 
 All models predict the next candle's close. Persistence predicts "next close = last close", so its
-skill is 0 by definition.
+skill is 0 by definition; it is served beside the others, with the same kind of interval. Each
+learned model's predicted log return is shrunk toward zero (persistence) by a factor chosen on the
+walk-forward's out-of-sample predictions, inside the training period: {shrink}.
+
+"DM" is a one-sided Diebold-Mariano test of "this model's absolute error is larger than
+persistence's", with a HAC (Newey-West) variance: a p below 0.05 means significantly worse, and the
+promotion gate refuses it.
 
 ## Hold-out
 
 {table(s.holdout)}
 
+Interval coverage by tercile of the volatility model's sigma (1 = the calmest third of the hold-out):
+
+{table(s.holdout, TERCILES)}
+
+Interval-score skill against a constant width calibrated the same way, for the volatility model's
+scale and for the realized volatility of the last 24 candles (spec v1's scale):
+
+{table(s.holdout, SCALE_COLUMNS)}
+
 ## Walk-forward, inside the training period
 
 The second half of the training period is cut into blocks. Each block is predicted by models fitted
-only on what came before it. The figures are means over the blocks.
+only on what came before it. The figures are means over the blocks, for the learned models as
+fitted (before shrinkage, which these predictions choose).
 
 {table(s.walk_forward)}
 
+{table(s.walk_forward, SCALE_COLUMNS)}
+
 ## Intervals
 
-Each interval is the predicted log return ± q * the realized volatility of the last 24 candles. q is
-the empirical quantile of |error| / volatility on the calibration rows: the last 15 % of the training
+Each interval is the predicted log return ± q * sigma, where sigma comes from the volatility model:
+a ridge regression (penalty {vol["alpha"]:g}, by time-series cross-validation) of the next candle's
+log Garman-Klass variance on {vol["inputs"]} (the hour of the week one-hot encoded). q is the
+empirical quantile of |error| / sigma on the calibration rows: the last 15 % of the training
 period, after the rows the models were fitted on. Multipliers:
 {multipliers}.
-"Interval skill" compares each model's interval score with that of a constant-width interval calibrated
-the same way: the share of the score that adapting to volatility saves.
+"Interval skill" compares each model's interval score with that of a constant-width interval
+calibrated the same way: the share of the score that adapting to volatility saves.
 
 ## Plots
 
 ![hold-out](holdout.png)
 ![residuals](residuals.png)
 ![coverage](coverage.png)
+![interval width against the realized move](width.png)
 """)

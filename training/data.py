@@ -10,7 +10,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from appliance.candle_csv import read_candle_csv
-from appliance.features import CandleSeries, feature_matrix
+from appliance.features import CandleSeries, feature_matrix, garman_klass
 from appliance.store import Store
 
 
@@ -35,6 +35,7 @@ class Dataset:
     X: NDArray[np.float64]
     close: NDArray[np.float64]  # close of t: what the prediction starts from
     target: NDArray[np.float64]  # close of t+1
+    next_gk: NDArray[np.float64]  # Garman-Klass variance of candle t+1: the volatility model's target
 
     @property
     def log_return(self) -> NDArray[np.float64]:
@@ -44,7 +45,8 @@ class Dataset:
         return len(self.start)
 
     def take(self, mask: NDArray[np.bool_]) -> Dataset:
-        return Dataset(self.granularity, self.start[mask], self.X[mask], self.close[mask], self.target[mask])
+        return Dataset(self.granularity, self.start[mask], self.X[mask], self.close[mask], self.target[mask],
+                       self.next_gk[mask])  # fmt: skip
 
     def split_at(self, when: int) -> tuple[Dataset, Dataset]:
         """Rows whose *target* candle opens before ``when`` (training side), and the rest."""
@@ -65,10 +67,12 @@ def build_dataset(series: CandleSeries) -> Dataset:
     nxt = np.searchsorted(series.start, series.start + g)
     has_next = nxt < len(series)
     has_next[has_next] &= series.start[nxt[has_next]] == series.start[has_next] + g
-    target = np.full(len(series), np.nan)
-    target[has_next] = series.close[nxt[has_next]]
+    target, next_gk = np.full(len(series), np.nan), np.full(len(series), np.nan)
+    i = nxt[has_next]
+    target[has_next] = series.close[i]
+    next_gk[has_next] = garman_klass(series.open[i], series.high[i], series.low[i], series.close[i])
     keep = has_next & np.isfinite(X).all(axis=1)
-    return Dataset(g, series.start[keep], X[keep], series.close[keep], target[keep])
+    return Dataset(g, series.start[keep], X[keep], series.close[keep], target[keep], next_gk[keep])
 
 
 def iso(epoch_s: int | np.integer) -> datetime:

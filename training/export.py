@@ -9,10 +9,10 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 
-from training.models import CnnModel, LassoModel, Predictor
+from training.models import CnnModel, LassoModel, Predictor, VolatilityModel
 
 OPSET = 17
-PARITY_RTOL = 1e-4  # on the predicted price
+PARITY_RTOL = 1e-4  # on the predicted price, or on the volatility model's sigma
 
 
 class ParityError(RuntimeError):
@@ -24,13 +24,14 @@ class Exported:
     path: Path
     input_name: str
     output_name: str
-    max_price_rel_error: float
+    max_rel_error: float
 
 
 def export(model: Predictor, path: Path, X_check: NDArray[np.float64]) -> Exported:
-    """Write ``model`` as ONNX (raw float32 feature rows in, log return out) and verify parity."""
+    """Write ``model`` as ONNX (raw float32 feature rows in, log return or log variance out) and
+    verify parity."""
     n = X_check.shape[1]
-    if isinstance(model, LassoModel):
+    if isinstance(model, LassoModel | VolatilityModel):
         from skl2onnx import to_onnx
 
         onx = to_onnx(model.pipeline, X_check[:1].astype(np.float32), target_opset=OPSET)
@@ -49,11 +50,14 @@ def export(model: Predictor, path: Path, X_check: NDArray[np.float64]) -> Export
     input_name, output_name = session.get_inputs()[0].name, session.get_outputs()[0].name
     onnx_r = np.asarray(session.run([output_name], {input_name: X_check.astype(np.float32)})[0]).ravel()
     framework_r = model.predict(X_check)
-    # The predicted price's relative difference, |p_onnx / p_framework - 1| (independent of the level).
-    error = float(np.max(np.abs(np.expm1(onnx_r.astype(np.float64) - framework_r))))
+    # The relative difference of what is served, |p_onnx / p_framework - 1| (independent of the level):
+    # the price, exp of the log return, or sigma, exp of half the log variance.
+    served = 0.5 if isinstance(model, VolatilityModel) else 1.0
+    error = float(np.max(np.abs(np.expm1(served * (onnx_r.astype(np.float64) - framework_r)))))
     if error > PARITY_RTOL:
+        what = "sigma" if served != 1.0 else "the price"
         raise ParityError(
-            f"{path.name}: ONNX and {model.name} disagree by {error:.2e} on the price (> {PARITY_RTOL})"
+            f"{path.name}: ONNX and {model.name} disagree by {error:.2e} on {what} (> {PARITY_RTOL})"
         )
     return Exported(path, input_name, output_name, error)
 

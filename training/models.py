@@ -1,8 +1,9 @@
-"""The models: persistence (the baseline), Lasso (scikit-learn) and the reference CNN (Keras).
+"""The models: persistence (the baseline), Lasso (scikit-learn), the reference CNN (Keras), and the
+volatility model (scikit-learn) whose scale every model's interval uses.
 
-All predict the next candle's **log return**; scaling is part of each model (a StandardScaler in
-the Lasso pipeline; input and target scaling around the CNN), fitted on training rows only, so the
-exported ONNX graphs take raw feature rows.
+The point models predict the next candle's **log return**; the volatility model its log variance.
+Scaling is part of each model (a StandardScaler in the scikit-learn pipelines; input and target
+scaling around the CNN), fitted on training rows only, so the exported ONNX graphs take raw rows.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
+from sklearn.compose import ColumnTransformer
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LassoCV
+from sklearn.linear_model import LassoCV, RidgeCV
 from sklearn.model_selection import TimeSeriesSplit
 from sklearn.pipeline import Pipeline, make_pipeline
-from sklearn.preprocessing import StandardScaler
+from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+from appliance.features import FEATURE_NAMES, VAR_FLOOR, VOL_SPANS
 
 if TYPE_CHECKING:
     import keras
@@ -41,6 +45,59 @@ class Persistence:
 
     def predict(self, X: Floats) -> Floats:
         return np.zeros(len(X))
+
+
+@dataclass
+class Shrunk:
+    """A point model pulled toward zero return (persistence) by ``factor``, chosen on the training
+    period: the served form of every learned model, which can then never be much worse than
+    persistence even when its signal is mostly noise."""
+
+    name: str
+    model: Predictor
+    factor: float
+
+    def predict(self, X: Floats) -> Floats:
+        return self.factor * self.model.predict(X)
+
+
+#: What the volatility model reads besides the hour of the week (HAR-style: realized and range-based
+#: variance over 1, 6, 24 and 168 candles, and trading volume, which moves with volatility).
+VOL_INPUTS = (*(f"rv_{n}" for n in VOL_SPANS), *(f"gk_{n}" for n in VOL_SPANS), "volume", "volume_mean_24")
+
+
+@dataclass
+class VolatilityModel:
+    """Ridge regression of the next candle's log Garman-Klass variance on ``VOL_INPUTS`` (scaled)
+    and a one-hot hour of the week (its seasonality). The intervals' scale is exp(output / 2); its
+    level does not matter, as each model's conformal multiplier absorbs it."""
+
+    pipeline: Pipeline
+    name: str = "volatility"
+
+    def predict(self, X: Floats) -> Floats:
+        """Log variance (what the ONNX graph outputs)."""
+        return np.asarray(self.pipeline.predict(X), dtype=np.float64)
+
+    def sigma(self, X: Floats) -> Floats:
+        return np.asarray(np.exp(0.5 * self.predict(X)))
+
+    @property
+    def params(self) -> dict[str, float | int | str]:
+        return {"alpha": float(self.pipeline[-1].alpha_), "inputs": ",".join((*VOL_INPUTS, "hour_of_week"))}
+
+
+def fit_volatility(X: Floats, next_gk: Floats, *, folds: int = 5) -> VolatilityModel:
+    """The ridge penalty by time-series cross-validation, like the Lasso's."""
+    numeric = [FEATURE_NAMES.index(name) for name in VOL_INPUTS]
+    hours = OneHotEncoder(categories=[np.arange(168.0)], handle_unknown="ignore", sparse_output=False)
+    columns = ColumnTransformer([("scaled", StandardScaler(), numeric),
+                                 ("hour_of_week", hours, [FEATURE_NAMES.index("hour_of_week")])])  # fmt: skip
+    pipeline = make_pipeline(
+        columns, RidgeCV(alphas=np.logspace(-2, 4, 13), cv=TimeSeriesSplit(n_splits=folds))
+    )
+    pipeline.fit(X, np.log(next_gk + VAR_FLOOR))
+    return VolatilityModel(pipeline)
 
 
 @dataclass

@@ -19,14 +19,25 @@ from appliance.registry import (
     Manifest,
     ModelEntry,
     TrainingData,
+    VolatilityEntry,
     set_latest,
     sha256_of,
 )
+from training import GATE_MARGIN, GATE_P
 from training.card import write_card
 from training.data import Dataset, build_dataset, iso, load_candles
-from training.evaluate import Calibration, Metrics, calibrate, evaluate, walk_forward
+from training.evaluate import Calibration, Metrics, calibrate, choose_shrink, evaluate, walk_forward
 from training.export import OnnxPredictor, export, quantize_int8
-from training.models import CnnSettings, Persistence, Predictor, fit_cnn, fit_lasso
+from training.models import (
+    CnnSettings,
+    Persistence,
+    Predictor,
+    Shrunk,
+    VolatilityModel,
+    fit_cnn,
+    fit_lasso,
+    fit_volatility,
+)
 
 log = logging.getLogger(__name__)
 HOLDOUT_START = int(datetime(2025, 11, 1, tzinfo=UTC).timestamp())
@@ -42,20 +53,24 @@ class TrainConfig:
     calib_fraction: float = 0.15  # tail of the training period: interval calibration
     val_fraction: float = 0.15  # tail of the rest: the CNN's early stopping
     walk_forward_folds: int = 3
-    gate_margin: float = 0.02  # a model may be at most this much worse than persistence (MAE)
+    gate_margin: float = GATE_MARGIN  # a model's MAE may be at most this much worse than persistence's ...
+    gate_p: float = GATE_P  # ... and not significantly worse (one-sided Diebold-Mariano p below this)
     quantize: bool = True  # serve the CNN as int8 weights ...
     quant_tolerance: float = 0.001  # ... if its hold-out MAE is at most this much (relative) worse
 
 
 @dataclass
 class Scored:
-    """Fitted models with their hold-out and walk-forward scores."""
+    """Served models (persistence, the learned ones shrunk) with the volatility model, their
+    calibrations, and their hold-out and walk-forward scores."""
 
     models: dict[str, Predictor]
+    volatility: VolatilityModel
     calibration: dict[str, Calibration]
     holdout: dict[str, Metrics]
     walk_forward: dict[str, Metrics]
     train: Dataset
+    calib: Dataset  # the tail of ``train`` that calibrates the intervals (nothing is fitted on it)
     test: Dataset
     seconds: dict[str, float]
 
@@ -70,6 +85,7 @@ def fit_and_score(cfg: TrainConfig) -> Scored:
         "dataset",
         extra={
             "product": cfg.product,
+            "granularity": cfg.granularity,
             "candles": len(series),
             "rows_train": len(train),
             "rows_holdout": len(test),
@@ -87,32 +103,59 @@ def fit_and_score(cfg: TrainConfig) -> Scored:
 
     fitters = {"lasso": lasso, "cnn": cnn}
     fit_part, calib_part = train.tail_fraction(cfg.calib_fraction)
-    models: dict[str, Predictor] = {"persistence": Persistence()}
     seconds: dict[str, float] = {}
+    started = time.monotonic()
+    volatility = fit_volatility(fit_part.X, fit_part.next_gk)
+    seconds["volatility"] = time.monotonic() - started
+    fitted: dict[str, Predictor] = {}
     for name, fit in fitters.items():
         started = time.monotonic()
         log.info("fitting", extra={"model": name, "rows": len(fit_part)})
-        models[name] = fit(fit_part)
+        fitted[name] = fit(fit_part)
         seconds[name] = time.monotonic() - started
-    calibration = {name: calibrate(calib_part, m.predict(calib_part.X)) for name, m in models.items()}
-    holdout = {name: evaluate(test, m.predict(test.X), calibration[name]) for name, m in models.items()}
     started = time.monotonic()
     log.info("walk-forward evaluation", extra={"folds": cfg.walk_forward_folds})
     folds = walk_forward(train, fitters, cfg.walk_forward_folds, cfg.calib_fraction)
     seconds["walk_forward"] = time.monotonic() - started
-    return Scored(models, calibration, holdout, folds, train, test, seconds)
+    # Shrinkage from the walk-forward's out-of-sample predictions: the training period only.
+    rows = folds.rows
+    models: dict[str, Predictor] = {"persistence": Persistence()}
+    for name, model in fitted.items():
+        factor = choose_shrink(rows.close, rows.target, folds.predicted[name])
+        log.info("shrinkage toward persistence", extra={"model": name, "factor": factor})
+        models[name] = Shrunk(name, model, factor)
+    return rescore(Scored({}, volatility, {}, {}, folds.scores, train, calib_part, test, seconds), models)
 
 
-def gate(holdout: dict[str, Metrics], margin: float) -> tuple[bool, str]:
-    """Promote only models whose hold-out MAE is within ``margin`` of persistence's (or better)."""
-    base = holdout["persistence"]["mae"]
-    assert base is not None
-    failures = [
-        f"{name} MAE {m['mae']:.2f} > persistence {base:.2f} x {1 + margin:.2f}"
-        for name, m in holdout.items()
-        if name != "persistence" and m["mae"] is not None and m["mae"] > base * (1 + margin)
-    ]
-    return (not failures, "; ".join(failures) or f"every model within {margin:.0%} of persistence's MAE")
+def rescore(scored: Scored, models: dict[str, Predictor]) -> Scored:
+    """Calibrate ``models`` on the calibration rows and score them on the hold-out (replacing any
+    earlier scores of the same names)."""
+    calib, test, vol = scored.calib, scored.test, scored.volatility
+    calibration = {
+        name: calibrate(calib, m.predict(calib.X), vol.sigma(calib.X)) for name, m in models.items()
+    }
+    holdout = {name: evaluate(test, m.predict(test.X), vol.sigma(test.X), calibration[name])
+               for name, m in models.items()}  # fmt: skip
+    return replace(scored, models=scored.models | models, calibration=scored.calibration | calibration,
+                   holdout=scored.holdout | holdout)  # fmt: skip
+
+
+def gate(holdout: dict[str, Metrics], margin: float, p: float) -> tuple[bool, str]:
+    """Promote only if every served model's hold-out MAE is within ``margin`` of persistence's (or
+    better) and no model is significantly worse (one-sided Diebold-Mariano p-value below ``p``)."""
+    failures = []
+    for name, m in holdout.items():
+        skill, dm_p = m["skill_vs_persistence"], m["dm_p"]
+        if name == "persistence" or skill is None:
+            continue
+        if skill < -margin:
+            failures.append(f"{name} MAE skill {skill:+.2%} is below -{margin:.1%}")
+        if dm_p is not None and dm_p < p:
+            failures.append(
+                f"{name} is significantly worse than persistence (Diebold-Mariano p = {dm_p:.3g})"
+            )
+    passed = f"every model's MAE within {margin:.1%} of persistence's, none significantly worse (p >= {p})"
+    return not failures, "; ".join(failures) or passed
 
 
 @dataclass(frozen=True)
@@ -126,13 +169,14 @@ class Registered:
 def serve_quantized(cfg: TrainConfig, scored: Scored, fp32: Path) -> tuple[Scored, dict[str, float | str]]:
     """Replace the CNN's file with its int8 version if that costs at most ``quant_tolerance`` of MAE.
 
-    The decision, and then the served model's intervals and metrics, come from the int8 graph itself.
+    The decision, and then the served model's intervals and metrics, come from the int8 graph itself
+    (with the same shrinkage).
     """
+    cnn = scored.models["cnn"]
+    assert isinstance(cnn, Shrunk)
     int8 = OnnxPredictor(quantize_int8(fp32, fp32.with_name("cnn.int8.onnx")), "cnn")
-    _, calib = scored.train.tail_fraction(cfg.calib_fraction)
-    cal = calibrate(calib, int8.predict(calib.X))
-    holdout = evaluate(scored.test, int8.predict(scored.test.X), cal)
-    fp32_mae, int8_mae = scored.holdout["cnn"]["mae"], holdout["mae"]
+    candidate = rescore(scored, {"cnn": Shrunk("cnn", int8, cnn.factor)})
+    fp32_mae, int8_mae = scored.holdout["cnn"]["mae"], candidate.holdout["cnn"]["mae"]
     assert fp32_mae is not None
     assert int8_mae is not None
     change = int8_mae / fp32_mae - 1
@@ -145,11 +189,7 @@ def serve_quantized(cfg: TrainConfig, scored: Scored, fp32: Path) -> tuple[Score
         return scored, info | {"weights": "fp32"}
     int8.path.replace(fp32)  # served under the usual name; the session already holds the graph
     int8.path = fp32
-    served = replace(
-        scored, models=scored.models | {"cnn": int8}, calibration=scored.calibration | {"cnn": cal},
-        holdout=scored.holdout | {"cnn": holdout},
-    )  # fmt: skip
-    return served, info | {"weights": "int8-dynamic"}
+    return candidate, info | {"weights": "int8-dynamic"}
 
 
 def register(cfg: TrainConfig, scored: Scored, out: Path, *, force: bool = False) -> Registered:
@@ -159,26 +199,40 @@ def register(cfg: TrainConfig, scored: Scored, out: Path, *, force: bool = False
     # Built in a hidden folder and renamed into place: a version is complete or absent.
     folder = Path(tempfile.mkdtemp(dir=out, prefix=".new-"))
     try:
-        trained = {name: m for name, m in scored.models.items() if name != "persistence"}
-        params = {name: dict(getattr(m, "params", {})) | {"fit_seconds": round(scored.seconds[name], 1)}
+        trained = {name: m for name, m in scored.models.items() if isinstance(m, Shrunk)}
+        params = {name: dict(getattr(m.model, "params", {})) | {"fit_seconds": round(scored.seconds[name], 1)}
                   for name, m in trained.items()}  # fmt: skip
-        exports = {name: export(m, folder / f"{name}.onnx", scored.test.X) for name, m in trained.items()}
-        for name, exported in exports.items():
-            log.info("exported", extra={"model": name, "parity": f"{exported.max_price_rel_error:.1e}"})
+        exports = {
+            name: export(m.model, folder / f"{name}.onnx", scored.test.X) for name, m in trained.items()
+        }
+        vol = export(scored.volatility, folder / "volatility.onnx", scored.test.X)
+        for name, exported in (exports | {"volatility": vol}).items():
+            log.info("exported", extra={"model": name, "parity": f"{exported.max_rel_error:.1e}"})
         if cfg.quantize:
             scored, info = serve_quantized(cfg, scored, exports["cnn"].path)
             params["cnn"] |= info
-        passed, reason = gate(scored.holdout, cfg.gate_margin)  # on what will be served
-        entries = {
-            name: ModelEntry(
-                file=exported.path.name, framework="scikit-learn" if name == "lasso" else "keras",
-                input_name=exported.input_name, output_name=exported.output_name,
-                intervals=IntervalCalibration(quantiles=scored.calibration[name].scaled),
+        passed, reason = gate(scored.holdout, cfg.gate_margin, cfg.gate_p)  # on what will be served
+
+        def entry(name: str) -> ModelEntry:
+            model, exported = scored.models[name], exports.get(name)
+            shrink = model.factor if isinstance(model, Shrunk) else 1.0
+            return ModelEntry(
+                file=exported.path.name if exported else None,
+                framework={"lasso": "scikit-learn", "cnn": "keras"}.get(name, "none"),
+                input_name=exported.input_name if exported else None,
+                output_name=exported.output_name if exported else None,
+                shrink=shrink, intervals=IntervalCalibration(quantiles=scored.calibration[name].served),
                 metrics={"holdout": scored.holdout[name], "walk_forward": scored.walk_forward[name]},
-                params=params[name],
-            )
-            for name, exported in exports.items()
-        }  # fmt: skip
+                params=params.get(name, {}),
+            )  # fmt: skip
+
+        entries = {name: entry(name) for name in scored.models}
+        volatility = VolatilityEntry(
+            file=vol.path.name, input_name=vol.input_name, output_name=vol.output_name,
+            metrics={part: {k: v for k, v in m["persistence"].items() if "interval" in k or "coverage" in k}
+                     for part, m in (("holdout", scored.holdout), ("walk_forward", scored.walk_forward))},
+            params=scored.volatility.params | {"fit_seconds": round(scored.seconds["volatility"], 1)},
+        )  # fmt: skip
         write_card(folder, cfg.product, scored)
         files = {p.name: sha256_of(p) for p in sorted(folder.iterdir())}
         digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:8]
@@ -186,16 +240,14 @@ def register(cfg: TrainConfig, scored: Scored, out: Path, *, force: bool = False
         manifest = Manifest(
             version=version, created_at=created, product=cfg.product, granularity=cfg.granularity,
             feature_spec=FeatureSpecRef(name=SPEC_NAME, hash=SPEC_HASH, names=list(FEATURE_NAMES)),
-            models=entries,
-            baseline={"holdout": scored.holdout["persistence"],
-                      "walk_forward": scored.walk_forward["persistence"]},
+            models=entries, volatility=volatility,
             training_data=TrainingData(
                 source=cfg.data.name, first_candle=iso(scored.train.start[0]),
                 last_candle=iso(scored.test.start[-1] + cfg.granularity),
                 holdout_start=iso(cfg.holdout_start),
                 rows_train=len(scored.train), rows_holdout=len(scored.test),
             ),
-            gate={"margin": cfg.gate_margin, "passed": passed, "reason": reason,
+            gate={"margin": cfg.gate_margin, "p": cfg.gate_p, "passed": passed, "reason": reason,
                   "forced": force and not passed},
             files=files,
         )  # fmt: skip
@@ -207,5 +259,5 @@ def register(cfg: TrainConfig, scored: Scored, out: Path, *, force: bool = False
         shutil.rmtree(folder, ignore_errors=True)
         raise
     if passed or force:
-        set_latest(out, cfg.product, version)
+        set_latest(out, cfg.product, cfg.granularity, version)
     return Registered(final, manifest, passed or force, reason)

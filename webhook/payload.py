@@ -61,12 +61,18 @@ def ignore_reason(
     tag_pattern: str,
     now: float,
     max_age_s: float,
+    clock_synced: bool = True,
 ) -> str | None:
-    """Why this push deploys nothing, or None if it should trigger a deploy (unless it is a replay)."""
+    """Why this push deploys nothing, or None if it should trigger a deploy (unless it is a replay).
+
+    Until NTP has set the clock (a Pi has no real-time clock) a push's age says nothing: it is not checked.
+    """
     if push.repository.repo_name != repository:
         return f"repository {push.repository.repo_name} is not {repository}"
     if not re.fullmatch(tag_pattern, push.push_data.tag):
         return f"tag {push.push_data.tag} does not match {tag_pattern}"
+    if not clock_synced:
+        return None
     if push.push_data.pushed_at < now - max_age_s:
         return f"stale push: pushed_at is {now - push.push_data.pushed_at:.0f} s old (most {max_age_s:.0f})"
     if push.push_data.pushed_at > now + CLOCK_SLACK_S:

@@ -12,6 +12,7 @@ from appliance.candles import PRODUCT_PATTERN, CandleRow
 from appliance.health import Problem
 from appliance.predictions import PredictionRow
 
+MODEL_PATTERN = r"^[a-z0-9_]{1,32}$"
 ProductPath = Annotated[str, Path(pattern=PRODUCT_PATTERN, examples=["BTC-USD"])]
 
 
@@ -23,9 +24,10 @@ class Interval(BaseModel):
 
 class PredictQuery(BaseModel):
     product: str = Field(pattern=PRODUCT_PATTERN, examples=["BTC-USD"])
-    model: str = Field("cnn", pattern=r"^[a-z0-9_]{1,32}$")
+    model: str = Field("cnn", pattern=MODEL_PATTERN)
     at: str | None = Field(None, description="ISO-8601, epoch seconds or 'now' (default: latest)")
     level: float = Field(0.8, description="Interval level: 0.8 or 0.95")
+    granularity: int = Field(3600, description="Horizon: 3600 (the next hour) or 900 (the next 15 minutes)")
 
 
 def query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
@@ -50,16 +52,22 @@ class PredictionResult(BaseModel):
     last_close: float
     realized_close: float | None = Field(None, description="Set once the predicted candle has closed")
     data_age_s: float | None = Field(description="Seconds since the newest trade the appliance holds")
+    stale: str | None = Field(
+        None,
+        description="Why the data behind it may be out of date (a halt, Coinbase unreachable); null if fresh",
+    )
 
     @classmethod
-    def of(cls, row: PredictionRow, level: float, data_age_s: float | None) -> PredictionResult:
+    def of(
+        cls, row: PredictionRow, level: float, data_age_s: float | None, stale: str | None = None
+    ) -> PredictionResult:
         lower, upper = (row.lower_80, row.upper_80) if level == 0.8 else (row.lower_95, row.upper_95)
         return cls(
             product=row.product, model=row.model, model_version=row.model_version,
             granularity=row.granularity, as_of=datetime.fromtimestamp(row.as_of, UTC),
             target_time=datetime.fromtimestamp(row.target_time, UTC), predicted_close=row.predicted_close,
             interval=Interval(lower=lower, upper=upper, level=level), last_close=row.last_close,
-            data_age_s=data_age_s, realized_close=row.realized_close,
+            data_age_s=data_age_s, realized_close=row.realized_close, stale=stale,
         )  # fmt: skip
 
 
@@ -77,11 +85,21 @@ class CandleOut(BaseModel):
                    close=r.close, volume=r.volume)  # fmt: skip
 
 
-class ProductHealth(BaseModel):
-    data_age_s: float | None
+class HorizonHealth(BaseModel):
     model_version: str | None
+    pooled: bool = Field(description="Served by the pooled model set (no version of this product's own)")
     models: list[str]
     prediction: Literal["ok"] | str = Field(description="'ok', or why there is no fresh prediction")
+
+
+class ProductHealth(BaseModel):
+    data_age_s: float | None
+    model_version: str | None = Field(description="The hourly models' version")
+    models: list[str] = Field(description="The hourly models")
+    prediction: Literal["ok"] | str = Field(
+        description="'ok', or why there is no fresh prediction at some horizon (each named)"
+    )
+    horizons: dict[int, HorizonHealth] = Field(description="Per horizon (candle seconds)")
 
 
 class ProblemOut(BaseModel):

@@ -16,7 +16,7 @@ from typing import Annotated, Protocol
 from fastapi import Depends, HTTPException, Request
 
 from appliance.api.stream import Hub
-from appliance.candles import CandleRow
+from appliance.candles import HORIZONS, HOUR, CandleRow
 from appliance.health import Conditions
 from appliance.inference import Inference
 from appliance.predictions import PredictionRow
@@ -44,8 +44,8 @@ class AppState:
     ingest: IngestView | None = None
     hub: Hub = field(default_factory=Hub)
     health: Conditions = field(default_factory=Conditions)
-    #: The newest prediction per (product, model), kept as it is made: reading it costs nothing.
-    latest: dict[tuple[str, str], PredictionRow] = field(default_factory=dict)
+    #: The newest prediction per (product, granularity, model), kept as made: reading it costs nothing.
+    latest: dict[tuple[str, int, str], PredictionRow] = field(default_factory=dict)
     #: A storage error met while answering -> what to tell the client.
     storage_error: Callable[[BaseException], str] | None = None
 
@@ -54,14 +54,17 @@ class AppState:
             return self.storage_error(exc)
         return diagnose(exc, self.reader.path).message
 
-    def latest_of(self, product: str) -> list[PredictionRow]:
-        """The newest prediction of every model of a product, from memory (the store may be failing)."""
-        return sorted((r for (p, _), r in self.latest.items() if p == product), key=lambda r: r.model)
+    def latest_of(self, product: str, granularity: int | None = None) -> list[PredictionRow]:
+        """The newest prediction of every model of a product (at one horizon, or at each, the longest
+        first), from memory: the store may be failing."""
+        rows = (r for (p, g, _), r in self.latest.items() if p == product and granularity in (None, g))
+        return sorted(rows, key=lambda r: (-r.granularity, r.model))
 
     def keep(self, rows: list[PredictionRow]) -> None:
         for r in rows:
-            if r.as_of >= getattr(self.latest.get((r.product, r.model)), "as_of", 0):
-                self.latest[r.product, r.model] = r
+            key = (r.product, r.granularity, r.model)
+            if r.as_of >= getattr(self.latest.get(key), "as_of", 0):
+                self.latest[key] = r
 
     def data_age_s(self, product: str) -> float | None:
         last_us = self.ingest.last_trade_time_us(product) if self.ingest else None
@@ -74,6 +77,15 @@ class AppState:
             last_us = state.last_trade_time_us if state else None
         return round(time.time() - last_us / 1e6, 3) if last_us else None
 
+    def stale(self, product: str) -> str | None:
+        """Why the product's data may be out of date: its own problems and an unreachable Coinbase feed."""
+        reasons = [
+            p.message
+            for p in self.health.current()
+            if p.subject == product or (p.component == "coinbase" and p.subject is None)
+        ]
+        return "; ".join(reasons) or None
+
     def known(self, product: str) -> str:
         """``product``, or a 404 naming the products served."""
         if product not in self.settings.products:
@@ -81,12 +93,20 @@ class AppState:
             raise HTTPException(404, f"unknown product {product}; this appliance serves {served}")
         return product
 
-    def known_model(self, product: str, model: str) -> None:
-        names = self.inference.models_of(product)
+    def known_horizon(self, granularity: int) -> int:
+        """``granularity``, or a 422 (not a horizon at all) or 404 (not one this appliance predicts)."""
+        if granularity not in HORIZONS:
+            raise HTTPException(422, f"granularity: {' or '.join(map(str, HORIZONS))}, not {granularity}")
+        if granularity not in self.settings.horizons:
+            served = ", ".join(map(str, self.settings.horizons))
+            raise HTTPException(404, f"granularity: this appliance predicts {served} only, not {granularity}")
+        return granularity
+
+    def known_model(self, product: str, model: str, granularity: int = HOUR) -> None:
+        names = self.inference.models_of(product, granularity)
         if model not in names:
-            raise HTTPException(
-                404, f"no model {model} for {product}; models: {', '.join(names) or 'none loaded'}"
-            )
+            raise HTTPException(404, f"no model {model} for {product} at {granularity}s; "
+                                     f"models: {', '.join(names) or 'none loaded'}")  # fmt: skip
 
 
 async def app_state(request: Request) -> AppState:

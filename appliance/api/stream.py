@@ -1,14 +1,16 @@
 """The live stream's events and their fan-out to WebSocket clients, built here and only here.
 
 Each client has a small queue; a client too slow to keep up loses its oldest events, never slows
-the appliance down. Events are plain JSON-able dicts: ``{"type": "snapshot" | "candle" | "prediction"}``.
+the appliance down. Events are plain JSON-able dicts: ``{"type": "snapshot" | "candle" | "prediction"}``,
+each carrying the ``granularity`` of its candles, so a client draws one chart per product and horizon.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from appliance.api.schemas import CandleOut, PredictionResult
@@ -46,25 +48,36 @@ class Hub:
         return len(self._clients)
 
 
-def candle_event(product: str, row: CandleRow) -> Event:
-    return {"type": "candle", "product": product, "candle": CandleOut.of(row).model_dump(mode="json")}
+def candle_event(product: str, granularity: int, row: CandleRow) -> Event:
+    return {"type": "candle", "product": product, "granularity": granularity,
+            "candle": CandleOut.of(row).model_dump(mode="json")}  # fmt: skip
 
 
 def prediction_event(row: PredictionRow) -> Event:
     return {"type": "prediction", "prediction": PredictionResult.of(row, 0.8, None).model_dump(mode="json")}
 
 
-def snapshot_event(
-    predictions: Sequence[tuple[PredictionRow, float | None]], candles: Mapping[str, Sequence[CandleRow]]
-) -> Event:
-    """What a new client starts from: each latest prediction (with its data age) and recent candles."""
+@dataclass(frozen=True, slots=True)
+class Series:
+    """One product at one horizon: its recent closed candles and the predictions made over them."""
+
+    product: str
+    granularity: int
+    candles: Sequence[CandleRow]  # oldest first
+    predictions: Sequence[PredictionRow]  # every model's, oldest first; the newest may be still open
+    data_age_s: float | None
+
+
+def snapshot_event(series: Sequence[Series]) -> Event:
+    """What a new client starts from: per product and horizon, the recent past and what was predicted."""
     return {
         "type": "snapshot",
-        "predictions": [PredictionResult.of(r, 0.8, age).model_dump(mode="json") for r, age in predictions],
-        "candles": {
-            p: [CandleOut.of(r).model_dump(mode="json") for r in rows] for p, rows in candles.items()
-        },
-    }
+        "series": [{
+            "product": s.product, "granularity": s.granularity, "data_age_s": s.data_age_s,
+            "candles": [CandleOut.of(r).model_dump(mode="json") for r in s.candles],
+            "predictions": [PredictionResult.of(r, 0.8, None).model_dump(mode="json") for r in s.predictions],
+        } for s in series],
+    }  # fmt: skip
 
 
 class LiveEvents:
@@ -74,11 +87,14 @@ class LiveEvents:
     most every ``CANDLE_EVENT_GAP_S``; the last price of a burst is sent when the gap is over.
     """
 
-    def __init__(self, hub: Hub, ingest: IngestView, products: Sequence[str]) -> None:
+    def __init__(
+        self, hub: Hub, ingest: IngestView, products: Sequence[str], granularities: Sequence[int] = (HOUR,)
+    ) -> None:
         self.hub, self.ingest, self.products = hub, ingest, tuple(products)
+        self.granularities = tuple(granularities)  # a candle event per product and horizon
         self._last_candle_event = 0.0
         self._due: asyncio.TimerHandle | None = None
-        self._sent: dict[str, CandleRow] = {}
+        self._sent: dict[tuple[str, int], CandleRow] = {}
 
     def on_trades(self) -> None:
         if not self.hub.clients or self._due is not None:
@@ -93,10 +109,11 @@ class LiveEvents:
         self._due = None
         self._last_candle_event = time.monotonic()
         for product in self.products:
-            row = self.ingest.live_candle(product, HOUR)
-            if row is not None and row != self._sent.get(product):
-                self._sent[product] = row
-                self.hub.publish(candle_event(product, row))
+            for g in self.granularities:
+                row = self.ingest.live_candle(product, g)
+                if row is not None and row != self._sent.get((product, g)):
+                    self._sent[product, g] = row
+                    self.hub.publish(candle_event(product, g, row))
 
     def on_predictions(self, rows: list[PredictionRow]) -> None:
         for r in rows:

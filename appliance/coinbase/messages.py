@@ -3,7 +3,9 @@
 Everything from the network goes through :func:`parse_feed_frame` or :func:`parse_trade_rows`, which
 turn bytes into typed values or a :class:`Rejected` that names the reason: the ingester never sees
 an unchecked field. Prices and sizes must be plain positive decimal strings (Coinbase's format);
-ids must be JSON integers; times must carry a zone.
+feed ids must be JSON integers (REST trade ids may also be numeric strings, as some public clients
+see them); times must carry a zone. A frame of Coinbase's *Advanced Trade* protocol (``channel`` and
+``events``, no ``type``) is told apart, so a feed URL pointing there can be refused with a reason.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pydantic import (
 from appliance.candles import PRODUCT_PATTERN, Trade, parse_price, parse_size_e8, to_time_us
 
 T = TypeVar("T")
+R = TypeVar("R", bound=BaseModel)
 
 ProductId = Annotated[str, StringConstraints(pattern=PRODUCT_PATTERN)]
 
@@ -43,6 +46,16 @@ def _decimal_string(parse: Callable[[str], T]) -> Callable[[object], T]:
 Price = Annotated[float, BeforeValidator(_decimal_string(parse_price))]
 SizeE8 = Annotated[int, BeforeValidator(_decimal_string(parse_size_e8))]
 TradeId = Annotated[StrictInt, Field(gt=0)]
+
+
+def _integer_or_numeric_string(value: object) -> object:
+    """REST's ``trade_id``: a JSON integer, or a string of digits (seen in public client code)."""
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 19:
+        return int(value)
+    return value
+
+
+RestTradeId = Annotated[TradeId, BeforeValidator(_integer_or_numeric_string)]
 
 
 class _Message(BaseModel):
@@ -96,7 +109,7 @@ _FEED = TypeAdapter[FeedMessage](FeedMessage)
 class Rejected:
     """Why a frame or row was skipped: ``reason`` is a metric label, ``detail`` a log line."""
 
-    reason: Literal["malformed", "unknown_type", "binary_frame"]
+    reason: Literal["malformed", "unknown_type", "binary_frame", "advanced_trade"]
     detail: str
 
 
@@ -109,10 +122,20 @@ def parse_feed_frame(
         return _FEED.validate_json(frame)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
-        tag = first["input"].get("type") if isinstance(first["input"], dict) else None
+        doc = first["input"]
+        tag = doc.get("type") if isinstance(doc, dict) else None
         if first["type"] == "union_tag_invalid" and isinstance(tag, str):
             return Rejected("unknown_type", tag[:40])
+        if first["type"] == "union_tag_not_found" and _is_advanced_trade(doc):
+            return Rejected("advanced_trade", f"channel {str(doc['channel'])[:40]}")
         return Rejected("malformed", _summarise(exc))
+
+
+def _is_advanced_trade(doc: object) -> bool:
+    """The Advanced Trade envelope: ``{"channel": …, "timestamp": …, "sequence_num": …, "events": […]}``."""
+    if not isinstance(doc, dict):
+        return False
+    return isinstance(doc.get("channel"), str) and isinstance(doc.get("events"), list)
 
 
 def _summarise(exc: ValidationError) -> str:
@@ -126,7 +149,7 @@ def _summarise(exc: ValidationError) -> str:
 class TradeRow(_Message):
     """One row of ``GET /products/{id}/trades``."""
 
-    trade_id: TradeId
+    trade_id: RestTradeId
     price: Price
     size: SizeE8
     side: Literal["buy", "sell"]
@@ -136,16 +159,51 @@ class TradeRow(_Message):
 _TRADE_ROW = TypeAdapter(TradeRow)
 
 
-def parse_trade_rows(product: str, rows: Any) -> tuple[list[Trade], list[str]]:
-    """Valid trades of a REST page and one message per row that was not."""
+def _parse_rows(adapter: TypeAdapter[R], rows: Any) -> tuple[list[R], list[str]]:
+    """Each valid row of a REST list, and one message per row that was not."""
     if not isinstance(rows, list):
         return [], [f"expected a JSON list, got {type(rows).__name__}"]
-    trades, problems = [], []
+    valid, problems = [], []
     for row in rows:
         try:
-            r = _TRADE_ROW.validate_python(row)
+            valid.append(adapter.validate_python(row))
         except ValidationError as exc:
             problems.append(_summarise(exc))
-            continue
-        trades.append(Trade(product, r.trade_id, r.price, r.size, to_time_us(r.time), r.side))
-    return trades, problems
+    return valid, problems
+
+
+def parse_trade_rows(product: str, rows: Any) -> tuple[list[Trade], list[str]]:
+    """Valid trades of a REST page and one message per row that was not."""
+    valid, problems = _parse_rows(_TRADE_ROW, rows)
+    return [Trade(product, r.trade_id, r.price, r.size, to_time_us(r.time), r.side) for r in valid], problems
+
+
+class ProductRow(_Message):
+    """One row of ``GET /products`` (or the answer of ``GET /products/{id}``), the fields ingest reads.
+
+    Documented (Exchange REST, "Get all known trading pairs"): ``status`` is one of online, offline,
+    internal, delisted; ``trading_disabled`` restricts new orders and cancels; ``cancel_only`` accepts
+    only cancels; ``auction_mode`` is set while a product re-opens by auction. All of them mean no
+    matches for now. Missing flags read as false (older rows lack ``auction_mode``).
+    """
+
+    id: ProductId
+    status: str
+    status_message: str = ""
+    trading_disabled: bool = False
+    cancel_only: bool = False
+    auction_mode: bool = False
+
+    @property
+    def halted_by(self) -> tuple[str, ...]:
+        """What in Coinbase's own status says no trades happen now (empty: it trades)."""
+        flags = [f for f in ("trading_disabled", "cancel_only", "auction_mode") if getattr(self, f)]
+        return (*(() if self.status == "online" else (f"status {self.status}",)), *flags)
+
+
+_PRODUCT_ROW = TypeAdapter(ProductRow)
+
+
+def parse_product_rows(rows: Any) -> tuple[list[ProductRow], list[str]]:
+    """Valid rows of ``GET /products`` and one message per row that was not."""
+    return _parse_rows(_PRODUCT_ROW, rows)

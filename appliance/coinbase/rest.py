@@ -1,8 +1,12 @@
-"""Coinbase Exchange public REST: candles and trades, polite and persistent.
+"""Coinbase Exchange public REST: products, candles and trades, polite, fair and persistent.
 
-Requests are spaced to stay under the public limit (10/s), an HTTP 429 or a 5xx backs off
-exponentially (honouring ``Retry-After``), and every request has a timeout. Rows that fail
-validation are skipped, counted and logged; they never reach the store.
+Requests are spaced to stay under the public limit (documented: 10/s per IP, bursts to 15), and the
+slots go round-robin over the products asking (:class:`FairLimiter`), so one product's long
+back-fill never starves another's gap repair. An HTTP 429, a 5xx, a timeout or an answer that is
+not JSON (a proxy's or Cloudflare's HTML error page) backs off exponentially, honouring
+``Retry-After``; every request has a timeout. Rows that fail validation are skipped, counted and
+logged; they never reach the store. Repeated failure is reported to :class:`~appliance.health.Conditions`
+once (``coinbase-rest``), not per retry.
 """
 
 from __future__ import annotations
@@ -10,15 +14,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import httpx
 
 from appliance.candles import COINBASE_GRANULARITIES, CandleRow, Trade, check_ohlcv
 from appliance.coinbase.backoff import backoff_delay
-from appliance.coinbase.messages import parse_trade_rows
+from appliance.coinbase.messages import ProductRow, parse_product_rows, parse_trade_rows
+from appliance.health import Conditions
 from appliance.metrics import REST_REQUESTS, REST_ROWS_REJECTED
 
 if TYPE_CHECKING:
@@ -28,27 +36,64 @@ log = logging.getLogger(__name__)
 
 MAX_CANDLES_PER_REQUEST = 300
 MAX_TRADES_PER_REQUEST = 1000
+#: Failed attempts in a row before REST counts as failing (one retry is weather, not an outage).
+FAILING_AFTER = 3
+_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
 
 
 class CoinbaseRestError(RuntimeError):
     """Coinbase answered with an error that retrying will not fix (or retries ran out)."""
 
 
-class RateLimiter:
-    """Spaces request starts at least ``1/rate`` seconds apart, across all tasks sharing it."""
+class FairLimiter:
+    """Grants request slots at most ``rate`` a second, round-robin over the keys (products) waiting.
+
+    Each key waits in its own FIFO; a slot goes to the next key in turn that has a waiter, so with
+    fifty products repairing gaps while one back-fills history, every product gets one slot in each
+    round. One limiter serves the whole process (all its REST traffic goes through one client).
+    """
 
     def __init__(self, rate_per_s: float) -> None:
         self._interval = 1.0 / rate_per_s
         self._next = 0.0
-        self._lock = asyncio.Lock()
+        self._waiting: dict[str, deque[asyncio.Future[None]]] = {}
+        self._turns: deque[str] = deque()
+        self._timer: asyncio.TimerHandle | None = None
 
-    async def wait(self) -> None:
-        async with self._lock:
-            now = time.monotonic()
-            delay = self._next - now
-            self._next = max(now, self._next) + self._interval
-        if delay > 0:
-            await asyncio.sleep(delay)
+    async def wait(self, key: str = "") -> None:
+        fut = asyncio.get_running_loop().create_future()
+        queue = self._waiting.get(key)
+        if queue is None:
+            queue = self._waiting[key] = deque()
+            self._turns.append(key)
+        queue.append(fut)
+        self._grant()
+        await fut  # a cancelled waiter is skipped when its turn comes
+
+    def _grant(self) -> None:
+        if self._timer is not None:
+            return
+        loop = asyncio.get_running_loop()
+        while self._turns:
+            now = loop.time()
+            if now < self._next:
+                self._timer = loop.call_at(self._next, self._tick)
+                return
+            key = self._turns.popleft()
+            queue = self._waiting[key]
+            while queue and queue[0].done():
+                queue.popleft()
+            if queue:
+                queue.popleft().set_result(None)
+                self._next = max(now, self._next) + self._interval
+            if queue:
+                self._turns.append(key)  # its next request waits for the other keys' turns
+            else:
+                del self._waiting[key]
+
+    def _tick(self) -> None:
+        self._timer = None
+        self._grant()
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,21 +118,27 @@ class CoinbaseRest:
         timeout_s: float = 10.0,
         max_attempts: int = 8,
         max_backoff_s: float = 30.0,
+        health: Conditions | None = None,
     ) -> None:
         self._client = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
             timeout=timeout_s,
             headers={"User-Agent": "cryptopi", "Accept": "application/json"},
         )
-        self._limiter = RateLimiter(rate_per_s)
+        self.host = urlsplit(base_url).netloc
+        self.limiter = FairLimiter(rate_per_s)
         self._max_attempts = max_attempts
         self._max_backoff_s = max_backoff_s
+        self.health = health or Conditions()
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> CoinbaseRest:
+    def from_settings(cls, settings: Settings, health: Conditions | None = None) -> CoinbaseRest:
         """The client every part of the appliance uses (make it inside the loop that will close it)."""
         return cls(
-            settings.coinbase_rest_url, rate_per_s=settings.rest_rate_per_s, timeout_s=settings.rest_timeout_s
+            settings.coinbase_rest_url,
+            rate_per_s=settings.rest_rate_per_s,
+            timeout_s=settings.rest_timeout_s,
+            health=health,
         )
 
     async def aclose(self) -> None:
@@ -99,39 +150,59 @@ class CoinbaseRest:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    async def _get(self, endpoint: str, path: str, params: dict[str, Any]) -> httpx.Response:
-        for attempt in range(1, self._max_attempts + 1):
-            await self._limiter.wait()
+    async def _get(
+        self, endpoint: str, path: str, params: dict[str, Any], *, key: str = "", attempts: int | None = None
+    ) -> tuple[Any, httpx.Headers]:
+        """The JSON body and headers of a 200; retried on what retrying can fix. ``key``: whose turn."""
+        attempts = attempts or self._max_attempts
+        for attempt in range(1, attempts + 1):
+            await self.limiter.wait(key)
+            retry_after = None
             try:
                 resp = await self._client.get(path, params=params)
-            except httpx.TransportError as exc:
-                outcome, detail, retry_after = "transport_error", f"{type(exc).__name__}: {exc}", None
+            except httpx.TransportError as exc:  # timeouts included
+                outcome, detail = "transport_error", f"{type(exc).__name__}: {exc}".rstrip(": ")
             else:
                 if resp.status_code == 200:
-                    REST_REQUESTS.labels(endpoint, "ok").inc()
-                    return resp
-                detail = _error_message(resp)
-                if resp.status_code != 429 and resp.status_code < 500:
-                    REST_REQUESTS.labels(endpoint, "rejected").inc()
-                    raise CoinbaseRestError(f"GET {path} {params}: HTTP {resp.status_code}: {detail}")
-                outcome = "rate_limited" if resp.status_code == 429 else "server_error"
-                retry_after = _retry_after(resp)
+                    try:
+                        payload = resp.json()
+                    except ValueError:  # a 200 that is not JSON: an HTML page from a proxy
+                        outcome, detail = "invalid_body", f"not JSON: {resp.text[:80]!r}"
+                    else:
+                        REST_REQUESTS.labels(endpoint, "ok").inc()
+                        self.health.ok("coinbase-rest")
+                        return payload, resp.headers
+                else:
+                    detail = f"HTTP {resp.status_code}: {_error_message(resp)}"
+                    if resp.status_code != 429 and resp.status_code < 500:
+                        REST_REQUESTS.labels(endpoint, "rejected").inc()
+                        raise CoinbaseRestError(f"GET {path} {params}: {detail}")
+                    outcome = "rate_limited" if resp.status_code == 429 else "server_error"
+                    retry_after = _retry_after(resp)
             REST_REQUESTS.labels(endpoint, outcome).inc()
-            if attempt == self._max_attempts:
-                raise CoinbaseRestError(f"GET {path}: gave up after {attempt} attempts: {detail}")
             delay = max(backoff_delay(attempt, self._max_backoff_s), retry_after or 0.0)
-            log.warning(
+            if outcome != "rate_limited" and attempt >= FAILING_AFTER:  # 429s are the limit at work
+                self.health.problem("coinbase-rest", f"Coinbase REST failing ({self.host})",
+                                    last_error=detail, path=path, attempt=attempt,
+                                    next_retry_s=round(delay, 2))  # fmt: skip
+            if attempt == attempts:
+                raise CoinbaseRestError(f"GET {path}: gave up after {attempt} attempts: {detail}")
+            log.info(
                 "coinbase rest retry",
-                extra={
-                    "path": path,
-                    "outcome": outcome,
-                    "attempt": attempt,
-                    "delay_s": round(delay, 2),
-                    "detail": detail,
-                },
-            )
+                extra={"path": path, "outcome": outcome, "attempt": attempt, "delay_s": round(delay, 2),
+                       "detail": detail},
+            )  # fmt: skip
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")
+
+    async def products(self, *, attempts: int | None = None) -> list[ProductRow]:
+        """Every product Coinbase lists (``GET /products``), any status."""
+        payload, _ = await self._get("products", "/products", {}, attempts=attempts)
+        rows, problems = parse_product_rows(payload)
+        if problems:
+            REST_ROWS_REJECTED.labels("products").inc(len(problems))
+            log.info("coinbase product rows skipped", extra={"count": len(problems), "first": problems[0]})
+        return rows
 
     async def candles(self, product: str, granularity: int, start: int, end: int) -> list[CandleRow]:
         """Candles with bucket start in [start, end) (epoch seconds), oldest first. One request."""
@@ -140,12 +211,13 @@ class CoinbaseRest:
         if not 0 < count <= MAX_CANDLES_PER_REQUEST:
             raise ValueError(f"a candles request covers 1..{MAX_CANDLES_PER_REQUEST} buckets, not {count}")
         last_start = start + (count - 1) * granularity
-        resp = await self._get(
+        payload, _ = await self._get(
             "candles",
             f"/products/{product}/candles",
             {"granularity": granularity, "start": _iso(start), "end": _iso(last_start)},
+            key=product,
         )
-        rows, problems = parse_candle_rows(resp.json(), granularity)
+        rows, problems = parse_candle_rows(payload, granularity)
         for problem in problems:
             REST_ROWS_REJECTED.labels("candles").inc()
             log.warning("coinbase candle row skipped", extra={"product": product, "problem": problem})
@@ -157,12 +229,12 @@ class CoinbaseRest:
         params: dict[str, Any] = {"limit": min(limit, MAX_TRADES_PER_REQUEST)}
         if after is not None:
             params["after"] = after
-        resp = await self._get("trades", f"/products/{product}/trades", params)
-        trades, problems = parse_trade_rows(product, resp.json())
+        payload, headers = await self._get("trades", f"/products/{product}/trades", params, key=product)
+        trades, problems = parse_trade_rows(product, payload)
         for problem in problems:
             REST_ROWS_REJECTED.labels("trades").inc()
             log.warning("coinbase trade row skipped", extra={"product": product, "problem": problem})
-        cursor = resp.headers.get("cb-after")
+        cursor = headers.get("cb-after")
         return TradePage(trades, int(cursor) if cursor and cursor.isdigit() else None)
 
     async def trades_between(self, product: str, after_id: int, up_to_id: int) -> list[Trade]:
@@ -224,8 +296,9 @@ def _iso(epoch_s: int) -> str:
 def _error_message(resp: httpx.Response) -> str:
     try:
         body = resp.json()
-    except ValueError:
-        return resp.text[:200]
+    except ValueError:  # an HTML error page (Cloudflare, a proxy): its title says what happened
+        title = _TITLE.search(resp.text)
+        return " ".join(title.group(1).split())[:200] if title else resp.text[:200]
     return str(body.get("message", body))[:200] if isinstance(body, dict) else str(body)[:200]
 
 

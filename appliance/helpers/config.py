@@ -19,14 +19,19 @@ def check_url(value: str, schemes: tuple[str, ...]) -> str:
     return value
 
 
+class SettingRejected(ValueError):
+    """A setting that passed its checks but proved wrong once used (a URL speaking another
+    protocol): the program says which and how to fix it, and exits 2 like a bad value at start."""
+
+
 class ConfigError(SystemExit):
     """Bad configuration: exits with status 2 and a message naming each bad variable."""
 
-    def __init__(self, exc: ValidationError, prefix: str) -> None:
+    def __init__(self, exc: ValidationError, prefix: str, secrets: frozenset[str] = frozenset()) -> None:
         lines = []
         for err in exc.errors(include_url=False):
             field = str(err["loc"][0]) if err["loc"] else "?"
-            secret = "token" in field or ("url" in field and "@" in str(err.get("input")))  # user:pass@
+            secret = field in secrets or "token" in field or ("url" in field and "@" in str(err.get("input")))
             shown = "(secret)" if secret else repr(str(err.get("input"))[:60])
             lines.append(f"  {prefix}{field.upper()}: {err['msg']} (got {shown})")
         print("invalid configuration:\n" + "\n".join(lines), flush=True)
@@ -38,4 +43,5 @@ def load(cls: type[S], prefix: str, **overrides: object) -> S:
     try:
         return cls(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
-        raise ConfigError(exc, prefix) from None
+        secrets = frozenset(k for k, f in cls.model_fields.items() if "SecretStr" in str(f.annotation))
+        raise ConfigError(exc, prefix, secrets) from None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from decimal import ROUND_HALF_EVEN, Decimal
 from itertools import pairwise
 from pathlib import Path
@@ -140,3 +140,24 @@ def shift_tape(trades: Sequence[Trade], seconds: int) -> list[Trade]:
     if seconds % 3600:
         raise ValueError("a tape moves by whole hours")
     return [replace(t, time_us=t.time_us + seconds * US) for t in trades]
+
+
+@dataclass(frozen=True, slots=True)
+class Halt:
+    """``product`` does not trade in tape times [start_us, end_us) (heartbeats go on)."""
+
+    product: str
+    start_us: int
+    end_us: int
+
+
+def apply_halts(trades: Sequence[Trade], halts: Sequence[Halt]) -> list[Trade]:
+    """The tape with no trades inside a halt; later ids close up, as Coinbase's stay consecutive."""
+    out: list[Trade] = []
+    removed: dict[str, int] = {}
+    for t in sorted(trades, key=lambda t: (t.product, t.trade_id)):
+        if any(h.product == t.product and h.start_us <= t.time_us < h.end_us for h in halts):
+            removed[t.product] = removed.get(t.product, 0) + 1
+        else:
+            out.append(replace(t, trade_id=t.trade_id - removed.get(t.product, 0)))
+    return out

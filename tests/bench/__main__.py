@@ -1,10 +1,10 @@
-"""``make bench``: the ingest, appliance and live-rate benchmarks, in one run (JSON in bench-results/)."""
+"""``make bench``: the ingest, appliance, fifty-product and live-rate benchmarks (JSON in bench-results/)."""
 
 import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.bench import appliance, ingest, live
+from tests.bench import appliance, ingest, live, products
 from tests.conftest import REPO
 
 
@@ -15,12 +15,15 @@ def main() -> int:
         "--live-minutes", type=int, default=60,
         help="window of the live-rate bench (whole hours weigh the hourly work right; 0 skips it)",
     )  # fmt: skip
-    parser.add_argument("--only", choices=("ingest", "appliance", "live"), help="run one benchmark")
+    parser.add_argument(
+        "--only", choices=("ingest", "appliance", "products", "live"), help="run one benchmark"
+    )
     args = parser.parse_args()
     args.out.mkdir(exist_ok=True)
     benches: dict[str, Callable[[], bool]] = {
         "ingest": lambda: ingest.run(args.out),
         "appliance": lambda: appliance.run(args.out),
+        "products": lambda: products.run(args.out),
         "live": lambda: live.run(args.out, args.live_minutes) if args.live_minutes else True,
     }
     results = [bench() for name, bench in benches.items() if args.only in (None, name)]

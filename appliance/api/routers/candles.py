@@ -6,10 +6,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query
 
-from appliance.api.errors import ERRORS
+from appliance.api.errors import ERRORS, query_time
 from appliance.api.schemas import CandleOut, ProductPath
 from appliance.api.state import State
-from appliance.candles import COINBASE_GRANULARITIES, parse_time
+from appliance.candles import TRADE_GRANULARITIES
 
 router = APIRouter(tags=["candles"])
 MAX_CANDLES = 1000
@@ -19,20 +19,20 @@ MAX_CANDLES = 1000
 async def candles(
     product: ProductPath,
     state: State,
-    granularity: Annotated[int, Query(description=f"One of {COINBASE_GRANULARITIES}")] = 3600,
+    granularity: Annotated[int, Query(description=f"One of {TRADE_GRANULARITIES}")] = 3600,
     start: Annotated[str | None, Query(description="ISO-8601 or epoch seconds")] = None,
     end: Annotated[str | None, Query(description="ISO-8601 or epoch seconds")] = None,
 ) -> list[CandleOut]:
     state.known(product)
-    if granularity not in COINBASE_GRANULARITIES:
-        raise HTTPException(422, f"granularity must be one of {COINBASE_GRANULARITIES}, not {granularity}")
-    bounds = {}
-    for name, value in (("start", start), ("end", end)):
-        if value is not None:
-            try:
-                bounds[name] = parse_time(value)
-            except ValueError as exc:
-                raise HTTPException(422, f"{name}: {exc}") from None
+    if granularity not in TRADE_GRANULARITIES:
+        served = " or ".join(map(str, TRADE_GRANULARITIES))
+        raise HTTPException(
+            422, f"granularity: {served} (the candles the appliance builds), not {granularity}"
+        )
+    bounds = {name: query_time(name, value) for name, value in (("start", start), ("end", end))
+              if value is not None}  # fmt: skip
+    if bounds.get("start", 0) >= bounds.get("end", 2**62):
+        raise HTTPException(422, f"start: {start} is not before end {end}")
     rows = state.reader.series_rows(product, granularity, last=None if bounds else 48)
     lo, hi = bounds.get("start", -(2**62)), bounds.get("end", 2**62)
     picked = [r for r in rows if lo <= r.start < hi][-MAX_CANDLES:]

@@ -5,8 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from appliance import __version__
-from appliance.api.schemas import Health, ProblemOut, ProductHealth
+from appliance.api.schemas import Health, HorizonHealth, ProblemOut, ProductHealth
 from appliance.api.state import State
+from appliance.candles import HOUR
+from appliance.registry import ANY_PRODUCT
 
 router = APIRouter(tags=["health"])
 
@@ -21,13 +23,22 @@ async def livez() -> dict[str, bool]:
 async def health(state: State) -> Health:
     products = {}
     for product in state.settings.products:
-        loaded = state.inference.serving.get(product)
-        missing = state.predictor.missing.get(product)
+        horizons = {}
+        for g in state.settings.horizons:
+            loaded = state.inference.serving_of(product, g)
+            horizons[g] = HorizonHealth(
+                model_version=loaded.manifest.version if loaded else None,
+                pooled=bool(loaded and loaded.manifest.product == ANY_PRODUCT),
+                models=state.inference.models_of(product, g),
+                prediction=state.predictor.missing.get((product, g)) or "ok",
+            )
+        hourly = horizons.get(HOUR)
         products[product] = ProductHealth(
             data_age_s=state.data_age_s(product),
-            model_version=loaded.manifest.version if loaded else None,
-            models=state.inference.models_of(product),
-            prediction=missing or "ok",
+            model_version=hourly.model_version if hourly else None,
+            models=hourly.models if hourly else [],
+            prediction=state.predictor.why_not(product) or "ok",
+            horizons=horizons,
         )
     connected = bool(state.ingest and state.ingest.connected)
     problems = [ProblemOut.of(p) for p in state.health.current()]

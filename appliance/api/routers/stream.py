@@ -8,32 +8,44 @@ import sqlite3
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from appliance.api.state import AppState
-from appliance.api.stream import Event, candle_event, snapshot_event
-from appliance.candles import HOUR
+from appliance.api.stream import Event, Series, candle_event, snapshot_event
 
 router = APIRouter(tags=["stream"])
+CHART_CANDLES = 48
 
 
 def snapshot(state: AppState) -> list[Event]:
-    """The snapshot (predictions from memory, candles from the store if it answers), then the
-    candle in progress of each product."""
-    products = state.settings.products
+    """Every product at every horizon the appliance predicts (from the store, or if it fails only the
+    newest predictions, from memory), then each one's candle in progress (from ingest's memory)."""
+    series, live = [], []
+    for p in state.settings.products:
+        age = state.data_age_s(p)
+        for g in state.settings.horizons:
+            try:
+                candles = state.reader.series_rows(p, g, last=CHART_CANDLES)
+                made = state.reader.predictions(p, granularity=g, since=candles[0].start) if candles else []
+            except sqlite3.Error as exc:
+                state.storage_trouble(exc)
+                candles, made = [], state.latest_of(p, g)
+            series.append(Series(p, g, candles, made[::-1], age))
+            row = state.ingest.live_candle(p, g) if state.ingest is not None else None
+            live += [candle_event(p, g, row)] if row is not None else []
+    return [snapshot_event(series), *live]
+
+
+async def send(ws: WebSocket, event: Event) -> None:
     try:
-        candles = {p: state.reader.series_rows(p, HOUR, last=48) for p in products}
-    except sqlite3.Error as exc:
-        state.storage_trouble(exc)
-        candles = {}
-    predictions = [(r, state.data_age_s(p)) for p in products for r in state.latest_of(p)]
-    events = [snapshot_event(predictions, candles)]
-    if state.ingest is not None:
-        rows = ((p, state.ingest.live_candle(p, HOUR)) for p in products)
-        events += [candle_event(p, row) for p, row in rows if row is not None]
-    return events
+        await ws.send_json(event)
+    except RuntimeError as exc:
+        # uvicorn's answer to a send after a close it sent itself (a client message over the size
+        # limit, a shutdown) that this handler has not read yet: the client is gone all the same.
+        raise WebSocketDisconnect(1006) from exc
 
 
 @router.websocket("/api/stream")
 async def stream(ws: WebSocket) -> None:
-    """A snapshot (latest predictions, recent candles), then every new candle and prediction."""
+    """A snapshot (per product and horizon: recent candles and the predictions made over them), then
+    every new candle and prediction."""
     state: AppState = ws.app.state.appliance
     await ws.accept()
     queue = state.hub.subscribe()
@@ -42,7 +54,7 @@ async def stream(ws: WebSocket) -> None:
     incoming = asyncio.ensure_future(ws.receive())
     try:
         for first in snapshot(state):
-            await ws.send_json(first)
+            await send(ws, first)
         while True:
             event = asyncio.ensure_future(queue.get())
             await asyncio.wait({event, incoming}, return_when=asyncio.FIRST_COMPLETED)
@@ -52,9 +64,9 @@ async def stream(ws: WebSocket) -> None:
                     return
                 incoming = asyncio.ensure_future(ws.receive())  # clients have nothing to say: ignored
                 if not event.cancelled() and event.done():
-                    await ws.send_json(event.result())
+                    await send(ws, event.result())
                 continue
-            await ws.send_json(event.result())
+            await send(ws, event.result())
     except WebSocketDisconnect:
         pass
     finally:
