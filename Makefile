@@ -24,7 +24,7 @@ apt-need = missing=$$(for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || echo $$p;
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $$missing; \
 	fi
 
-.PHONY: help setup run demo test test-deps lint fmt bench mutation models clean install smoke-arm64 release-local
+.PHONY: help setup run demo test test-deps lint fmt bench soak mutation models clean install smoke-arm64 release-local
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -75,9 +75,13 @@ test-deps:  ## install the system packages the tests need (Debian)
 test: lint test-deps  ## the whole test suite (what CI runs)
 	$(DEV) pytest
 
-bench: setup  ## measure throughput and memory; JSON in bench-results/, summary on stdout
+bench: setup  ## measure throughput, memory, storage writes and CPU at a live rate (~70 min); JSON in bench-results/, summary on stdout
 	@$(call apt-need,wrk mosquitto)
-	$(DEV) python -m tests.bench
+	$(DEV) python -m tests.bench $(BENCH_ARGS)
+
+soak: setup  ## 30 days of real market at 2,160x with feed faults, MQTT and stream clients (~25 min; not in make test)
+	@$(call apt-need,mosquitto)
+	$(DEV) python -m tests.soak $(SOAK_ARGS)
 
 mutation: setup  ## mutation score of the pure-logic modules' fast tests; survivors listed, JSON in mutation-results/
 	$(DEV) python -m tests.mutation $(MUTATION_ARGS)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -27,20 +28,32 @@ log = logging.getLogger("appliance")
 Handler = Callable[[argparse.Namespace, Settings], int]
 
 
+class Interrupted(Exception):
+    """A signal stopped the work (after its cleanup ran)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum  # what a shell reports for a process ended by the signal
+
+
 def run(coro: Coroutine[Any, Any, Any]) -> Any:
-    """Run on uvloop (cheaper I/O than asyncio's own loop) until done, SIGINT or SIGTERM.
+    """Run on uvloop (cheaper I/O than asyncio's own loop) until done; Interrupted on SIGINT or SIGTERM.
 
     The first signal cancels the work so its cleanup runs; later ones (a second Ctrl-C, or uvicorn
     re-raising the signal it also saw) must not cancel that cleanup half-way.
     """
+    stopped_by: list[int] = []
 
     async def main() -> Any:
         task = asyncio.ensure_future(coro)
         loop = asyncio.get_running_loop()
-        received: list[str] = []
 
-        def stop(sig: signal.Signals) -> None:
-            received.append(sig.name)
+        def stop(signum: int) -> None:
+            stopped_by.append(signum)
             if not task.cancelling():
                 task.cancel()
 
@@ -49,21 +62,27 @@ def run(coro: Coroutine[Any, Any, Any]) -> Any:
         try:
             return await task
         except asyncio.CancelledError:
-            if not received:  # cancelled from outside (the loop closing on an error): not a signal
+            if not stopped_by:  # cancelled from outside (the loop closing on an error): not a signal
                 raise
-            log.info("stopped by signal", extra={"signal": received[0]})
-            return None
+            log.info("stopped by signal", extra={"signal": signal.Signals(stopped_by[0]).name})
+            raise Interrupted(stopped_by[0]) from None
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(main())
+
+
+def serve(coro: Coroutine[Any, Any, Any]) -> int:
+    """A service stopped by a signal has done its job: exit 0."""
+    with contextlib.suppress(Interrupted):
+        run(coro)
+    return 0
 
 
 def up(args: argparse.Namespace, settings: Settings) -> int:
     """The appliance: ingest, predictions, the HTTP API and dashboard, MQTT."""
     from appliance.runtime import up
 
-    run(up(settings))
-    return 0
+    return serve(up(settings))
 
 
 def ingest(args: argparse.Namespace, settings: Settings) -> int:
@@ -73,17 +92,22 @@ def ingest(args: argparse.Namespace, settings: Settings) -> int:
     from appliance.ingest import Ingester
     from appliance.products import resolve_settings
     from appliance.store import Store
+    from appliance.storekeeper import StoreKeeper
 
-    async def main(store: Store) -> None:
+    async def main() -> None:
         health = Conditions()
-        async with CoinbaseRest.from_settings(
-            settings, health
-        ) as rest:  # made inside the loop that closes it
-            await Ingester(await resolve_settings(settings, rest), store, rest, health=health).run()
+        store = Store(settings.db_path, connect=False)
+        keeper = StoreKeeper(store, health)
+        keeper.open()  # storage trouble pauses ingest, it does not end it
+        try:
+            async with CoinbaseRest.from_settings(settings, health) as rest:  # inside the loop that closes it
+                resolved = await resolve_settings(settings, rest)
+                ingester = Ingester(resolved, store, rest, health=health, keeper=keeper)
+                await asyncio.gather(ingester.run(), keeper.run())
+        finally:
+            store.close()
 
-    with Store(settings.db_path) as store:
-        run(main(store))
-    return 0
+    return serve(main())
 
 
 def healthcheck(args: argparse.Namespace, settings: Settings) -> int:
@@ -105,17 +129,21 @@ def backfill(args: argparse.Namespace, settings: Settings) -> int:
     from appliance.history import LoadResult, backfill
     from appliance.store import Store
 
-    async def main(store: Store) -> LoadResult:
+    result = LoadResult()
+
+    async def main(store: Store) -> None:
         end = args.end if args.end is not None else int(datetime.now(UTC).timestamp())
         async with CoinbaseRest.from_settings(settings) as rest:
-            return await backfill(
-                store, rest, args.product, args.granularity, args.start, end, progress=sys.stderr.isatty()
-            )
+            await backfill(store, rest, args.product, args.granularity, args.start, end,
+                           progress=sys.stderr.isatty(), result=result)  # fmt: skip
 
     with Store(settings.db_path) as store:
-        result = run(main(store))
-    if result is not None:
-        print(result)
+        try:
+            run(main(store))
+        except Interrupted as stop:
+            print(f"interrupted by {stop}: {result}")
+            return stop.exit_status
+    print(result)
     return 0
 
 
@@ -159,13 +187,13 @@ def export(args: argparse.Namespace, settings: Settings) -> int:
 
 def replay(args: argparse.Namespace, settings: Settings) -> int:
     """Serve the Coinbase protocol (feed and REST) offline, from a trade tape."""
-    from appliance.replay.cli import serve, server_from
+    from appliance.replay.cli import serve as serve_replay
+    from appliance.replay.cli import server_from
 
     server = server_from(args)
     if server is None:
         return 2
-    run(serve(server, args))
-    return 0
+    return serve(serve_replay(server, args))
 
 
 #: The settings each subcommand reads (its --help lists them); ``up`` and ``check-config`` read them all.
@@ -232,12 +260,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = load_settings()
     setup_logging(settings.log_level, settings.log_format)
     handler: Handler = args.handler
+    import sqlite3
+
+    from appliance.store import StoreRefused
+
     try:
         return handler(args, settings)
     except SettingRejected as exc:
         print(f"invalid configuration:\n  {exc}", flush=True)  # where a bad value at start is said
         return 2
-    except (ValueError, OSError) as exc:  # a bad file, range or store: say what, exit 1
+    except (ValueError, OSError, sqlite3.Error, StoreRefused) as exc:  # a bad file, range or store: exit 1
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

@@ -4,13 +4,15 @@ A part (the feed, REST, MQTT, storage, history, the models) reports a condition 
 product, a file, or none): :meth:`Conditions.problem` with a stable message ("Coinbase unreachable"),
 and details that may change on every retry (the last error, the next attempt), or :meth:`Conditions.ok`.
 Only a change of state is logged: one WARNING when a problem starts or its message changes, one INFO
-when it clears, never a line per retry. ``/health`` lists every current problem with its start.
+when it clears, never a line per retry. ``/health`` lists every current problem with its start, and
+the incidents (trouble that was dealt with, such as a corrupt file replaced) since the process began.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,9 +28,13 @@ class Problem:
     detail: dict[str, Any] = field(default_factory=dict)  # what changes between retries
 
 
+INCIDENTS_KEPT = 20
+
+
 class Conditions:
     def __init__(self) -> None:
         self._problems: dict[tuple[str, str | None], Problem] = {}
+        self._incidents: deque[Problem] = deque(maxlen=INCIDENTS_KEPT)
 
     def problem(self, component: str, message: str, *, subject: str | None = None, **detail: Any) -> None:
         """Report that something is wrong; logs only when it starts or its message changes."""
@@ -57,3 +63,12 @@ class Conditions:
     def current(self) -> list[Problem]:
         """Every current problem, oldest first."""
         return sorted(self._problems.values(), key=lambda p: p.since)
+
+    def incident(self, component: str, message: str, **detail: Any) -> None:
+        """Something went wrong and was dealt with, but someone should know (data lost, a file moved)."""
+        self._incidents.append(Problem(component, None, message, time.time(), detail))
+        log.warning(message, extra={"component": component, **detail})
+
+    def incidents(self) -> list[Problem]:
+        """The latest incidents, oldest first."""
+        return list(self._incidents)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -27,6 +28,7 @@ from appliance.coinbase.rest import (
 from appliance.features import WINDOW
 from appliance.health import Conditions
 from appliance.store import Store, UpsertResult
+from appliance.storekeeper import StoreKeeper
 
 log = logging.getLogger(__name__)
 CSV_CHUNK = 5000
@@ -62,8 +64,12 @@ async def backfill(
     *,
     now: float | None = None,
     progress: bool = True,
+    result: LoadResult | None = None,
 ) -> LoadResult:
-    """Candles with bucket start in [start, end), but never the bucket still open at ``now``."""
+    """Candles with bucket start in [start, end), but never the bucket still open at ``now``.
+
+    Counted into ``result`` as they are stored, so an interrupted run can say what it stored.
+    """
     validate_granularity(granularity)
     start -= start % granularity
     current_bucket = int(now if now is not None else time.time()) // granularity * granularity
@@ -72,7 +78,8 @@ async def backfill(
         raise ValueError("nothing to back-fill: the range is empty or still in progress")
     step = MAX_CANDLES_PER_REQUEST * granularity
     windows = range(start, end, step)
-    result = LoadResult()
+    if result is None:
+        result = LoadResult()
     bar = tqdm(windows, desc=f"backfill {product} {granularity}s", unit="req", disable=not progress)
     for w in bar:
         rows = await rest.candles(product, granularity, w, min(w + step, end))
@@ -135,15 +142,22 @@ class HistoryKeeper:
         needs: Mapping[int, int],
         on_filled: Callable[[], None] = lambda: None,
         health: Conditions | None = None,
+        keeper: StoreKeeper | None = None,
     ) -> None:
         self.store, self.rest, self.products, self.needs = store, rest, tuple(products), dict(needs)
         self.on_filled = on_filled  # told after new history arrived (e.g. to predict at once)
         self.health = health or Conditions()
+        self.keeper = keeper or StoreKeeper(store, self.health)
         self._committed = asyncio.Event()
         self._checked: dict[tuple[str, int], int] = {}
 
     def wake(self) -> None:
         """Something was committed: look for a newly closed candle."""
+        self._committed.set()
+
+    def forget(self) -> None:
+        """The store was replaced: check every product's history again."""
+        self._checked.clear()
         self._committed.set()
 
     async def run(self) -> None:
@@ -152,7 +166,13 @@ class HistoryKeeper:
             await self._committed.wait()
             for product in self.products:
                 for granularity in self.needs:
-                    await self.check(product, granularity)
+                    if not self.keeper.writable:
+                        break
+                    try:
+                        await self.check(product, granularity)
+                    except sqlite3.Error as exc:
+                        self._checked.pop((product, granularity), None)  # again once the store takes writes
+                        self.keeper.failed(exc)
 
     async def check(self, product: str, g: int) -> None:
         state = self.store.ingest_state(product)

@@ -4,8 +4,18 @@ Per product, trades are applied strictly in trade_id order. A jump in trade_id (
 a reconnect, a restart, a heartbeat that knows of newer trades) is filled from REST before anything
 later is applied. ``last_trade_id`` only ever advances over trades actually held, so a forged or
 premature id can delay a trade but never make one be skipped. Candle deltas are committed with the
-cursor in one transaction (see :mod:`appliance.store`), when a minute closes and at least every
-``commit_interval_s``.
+cursor in one transaction (see :mod:`appliance.store`).
+
+Commits are few, for the SD card's sake: every ``commit_interval_s`` while trades come in, and at
+once for a product whose candle of the shortest horizon has closed (its predictions wait for that
+candle; an hour's close is also a quarter's). Between commits the candles in progress live here,
+and the API and the stream read them from here. How often ingest commits trades write volume
+against how fresh the *stored* minute candles are, never durability: whatever was not committed
+when the process died is fetched again over REST on the next start.
+
+When storage fails, ingest stops: the feed is closed, repairs are cancelled and the uncommitted
+trades are let go. When the :class:`~appliance.storekeeper.StoreKeeper` says the store takes writes
+again, ingest resumes from the committed cursor and repairs the gap over REST, as after any outage.
 
 Repairs never stop the reading: each product with a gap has one repair task, and the feed's trades
 beyond the gap wait (bounded, ``feed_buffer_frames``) until REST has filled it, while every other
@@ -24,16 +34,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from appliance.candles import (
+    HOUR,
     MINUTE,
     TRADE_GRANULARITIES,
     US,
     Candle,
+    CandleRow,
+    IngestState,
     Trade,
     bucket_start,
     format_time,
@@ -49,18 +63,19 @@ from appliance.metrics import (
     FEED_REJECTED,
     GAPS_REPAIRED,
     LAST_TRADE_TIME,
+    STORE_COMMITS,
     TRADES_INGESTED,
     TRADES_UNRECOVERABLE,
 )
 from appliance.products import ProductWatch
 from appliance.settings import Settings
-from appliance.store import Store
+from appliance.store import Store, TradeCommit
+from appliance.storekeeper import StoreKeeper
 
 log = logging.getLogger(__name__)
 
-#: Shortest spacing of minute-close commits during bursts (catch-up, replays).
+#: Shortest spacing of commits during bursts (catch-up, replays).
 MIN_COMMIT_GAP_S = 0.02
-PRUNE_EVERY_S = 600.0
 REPORT_EVERY_S = 60.0
 #: Wall seconds feed trades (and heartbeat ids) wait for REST to confirm the gap before them.
 HOLD_S = 60.0
@@ -86,7 +101,8 @@ def next_step(last_trade_id: int | None, trade_id: int) -> Step:
 
 @dataclass(slots=True)
 class ProductCursor:
-    """What one product's ingest holds: the committed cursor and the uncommitted candle deltas."""
+    """What one product's ingest holds: the committed cursor, the uncommitted candle deltas, and the
+    stored part of each granularity's newest candle (which, with the deltas, is the candle in progress)."""
 
     product: str
     first_trade_id: int | None = None
@@ -95,16 +111,31 @@ class ProductCursor:
     last_time_us: int = 0
     last_price: float | None = None  # of the newest trade held (None when resumed, until one arrives)
     pending: dict[tuple[int, int], Candle] = field(default_factory=dict)
-    minute_closed: bool = False
+    closed: bool = False  # a candle the models read has closed since the last commit
+    stored: dict[int, tuple[int, Candle]] = field(default_factory=dict)  # granularity -> (start, candle)
+    prompt_s: int = HOUR  # the shortest horizon: the first trade after one of its closes commits at once
 
-    def apply(self, trade: Trade) -> None:
+    @classmethod
+    def resumed(
+        cls, product: str, state: IngestState | None, stored: dict[int, tuple[int, Candle]], prompt_s: int
+    ) -> ProductCursor:
+        if state is None:
+            return cls(product, prompt_s=prompt_s)
+        return cls(product, state.first_trade_id, None, state.last_trade_id, state.last_trade_time_us,
+                   stored=stored, prompt_s=prompt_s)  # fmt: skip
+
+    def apply(self, trade: Trade) -> bool:
+        """Take the next trade; True if it should be stored at once: it is the first after a close of
+        the shortest horizon's candle, or the very first (history is back-filled once there is one)."""
+        closes = False
         if self.first_trade_id is None:
             self.first_trade_id = trade.trade_id
             self.first_time_us = trade.time_us
-        elif self.last_time_us and bucket_start(trade.time_us, MINUTE) > bucket_start(
-            self.last_time_us, MINUTE
+            closes = self.closed = True
+        elif self.last_time_us and trade.time_us // (self.prompt_s * US) > self.last_time_us // (
+            self.prompt_s * US
         ):
-            self.minute_closed = True
+            closes = self.closed = True
         self.last_trade_id = trade.trade_id
         self.last_time_us = trade.time_us
         self.last_price = trade.price
@@ -115,6 +146,46 @@ class ProductCursor:
                 self.pending[key] = Candle.of(trade)
             else:
                 candle.add(trade)
+        return closes
+
+    def to_commit(self) -> TradeCommit:
+        assert self.first_trade_id is not None
+        assert self.last_trade_id is not None
+        return TradeCommit(self.product, self.pending, self.first_trade_id, self.last_trade_id,
+                           self.last_time_us, self.first_time_us)  # fmt: skip
+
+    def settle(self) -> None:
+        """The pending deltas are stored: fold the newest buckets' into what is known stored."""
+        for g in TRADE_GRANULARITIES:
+            start = bucket_start(self.last_time_us, g)
+            delta = self.pending.get((g, start))
+            if delta is None:
+                continue
+            known = self.stored.get(g)
+            if known is not None and known[0] == start:
+                known[1].merge(delta)
+            else:
+                self.stored[g] = (start, delta)
+        self.pending = {}
+        self.closed = False
+
+    def live(self, granularity: int) -> CandleRow | None:
+        """The candle in progress (stored part and uncommitted trades), None before any trade."""
+        if not self.last_time_us:
+            return None
+        start = bucket_start(self.last_time_us, granularity)
+        known = self.stored.get(granularity)
+        candle = replace(known[1]) if known is not None and known[0] == start else None
+        delta = self.pending.get((granularity, start))
+        if delta is not None:
+            if candle is None:
+                candle = replace(delta)
+            else:
+                candle.merge(delta)
+        if candle is None:
+            return None
+        return CandleRow(start, candle.open, candle.high, candle.low, candle.close, candle.volume,
+                         candle.trades)  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -148,11 +219,13 @@ class Ingester:
         rest: CoinbaseRest,
         feed: CoinbaseFeed | None = None,
         health: Conditions | None = None,
+        keeper: StoreKeeper | None = None,
     ):
         self.settings = settings
         self.store = store
         self.rest = rest
         self.health = health or Conditions()  # where ingest reports trouble (shown by /health)
+        self.keeper = keeper or StoreKeeper(store, self.health)
         self.feed = feed or CoinbaseFeed.from_settings(settings, self.health)
         #: Which products Coinbase lists; tells the feed which to follow.
         self.products = ProductWatch(rest, settings.products, self.feed.subscribe, self.health)
@@ -161,51 +234,89 @@ class Ingester:
         self._halted: set[str] = set()
         self._watched_from: dict[str, int] = {}  # market time (us) of each product's first heartbeat
         self._unconfirmed_log = ThrottledLog(log)
-        #: Told after each commit that stored trades (to look for a closed candle, stream the price).
+        #: Told after each commit that stored trades (to look for a closed candle).
         self.listeners: list[Callable[[], None]] = []
-        #: Told True / False as the feed connects and disconnects.
+        #: Told after each feed message or repair that may have moved a price (the live candle).
+        self.trade_listeners: list[Callable[[], None]] = []
+        #: Told True / False as the feed connects and disconnects (False too while storage pauses it).
         self.feed_listeners: list[Callable[[bool], None]] = []
-        self.cursors: dict[str, ProductCursor] = {}
-        for product in settings.products:
-            state = store.ingest_state(product)
-            cursor = ProductCursor(product)
-            if state:
-                cursor.first_trade_id = state.first_trade_id
-                cursor.last_trade_id = state.last_trade_id
-                cursor.last_time_us = state.last_trade_time_us
-            self.cursors[product] = cursor
-        self._last_commit = 0.0
+        #: The shortest horizon: when one of its candles closes, the product commits at once.
+        self._prompt_s = min(settings.horizons)
+        self.cursors = {p: ProductCursor(p, prompt_s=self._prompt_s) for p in settings.products}
+        self._closing = False  # some cursor is ``closed``
+        self._generation = -1  # the store keeper's generation the cursors were read from
+        self._last_commit = time.monotonic()
         self._commit_timer: asyncio.TimerHandle | None = None
-        self._last_prune = 0.0
-        self._last_report = (time.monotonic(), {p: c.last_trade_id for p, c in self.cursors.items()})
+        self._last_report: tuple[float, dict[str, int | None]] = (time.monotonic(), {})
         self._ingested = {
             (p, via): TRADES_INGESTED.labels(p, via) for p in settings.products for via in ("feed", "rest")
         }
 
     async def run(self) -> None:
-        """Ingest until cancelled; whatever is pending is committed on the way out."""
+        """Ingest until cancelled; whatever is pending is committed on the way out.
+
+        While storage fails, the feed is closed; ingest resumes from the committed cursor.
+        """
+        await self.products.check(attempts=1)  # one try: an unreachable Coinbase must not hold up the start
+        helpers = [asyncio.create_task(self._housekeep()), asyncio.create_task(self.products.run())]
+        try:
+            while True:
+                await self.keeper.until_writable()
+                if not self._resume():
+                    continue
+                async with contextlib.aclosing(self.feed.events()) as events:
+                    async for event in events:
+                        if isinstance(event, MatchMessage):
+                            self._on_trade(event.trade())
+                            self._tell(self.trade_listeners)
+                        elif isinstance(event, HeartbeatMessage):
+                            self._on_heartbeat(event)
+                        elif isinstance(event, Connected | Disconnected):
+                            self.commit()
+                            self._tell_feed(isinstance(event, Connected))
+                        self._maybe_commit()
+                        if not self._store_current:
+                            break
+                self._stop_repairs()
+                self._tell_feed(False)
+                log.warning("ingest stopped: the store failed or was reopened; it resumes from what the "
+                            "store holds", extra={"storage": self.keeper.trouble_message})  # fmt: skip
+        finally:
+            for task in helpers:
+                task.cancel()
+            self._stop_repairs()
+            self.commit()
+
+    def _resume(self) -> bool:
+        """Cursors from what is committed (uncommitted trades are fetched again); False if unreadable."""
+        try:
+            held = {p: (self.store.ingest_state(p), self.store.open_candles(p)) for p in self.cursors}
+        except sqlite3.Error as exc:
+            self.keeper.failed(exc)
+            return False
+        self.cursors = {p: ProductCursor.resumed(p, *held[p], self._prompt_s) for p in self.cursors}
+        self._generation = self.keeper.generation
+        self._closing = False
+        self._last_report = (time.monotonic(), {p: c.last_trade_id for p, c in self.cursors.items()})
         for c in self.cursors.values():
             log.info(
                 "ingest resuming" if c.last_trade_id else "ingest starting fresh",
                 extra={"product": c.product, "last_trade_id": c.last_trade_id},
             )
-        await self.products.check(attempts=1)  # one try: an unreachable Coinbase must not hold up the start
-        helpers = [asyncio.create_task(self._flush_periodically()), asyncio.create_task(self.products.run())]
-        try:
-            async for event in self.feed.events():
-                if isinstance(event, MatchMessage):
-                    self._on_trade(event.trade())
-                elif isinstance(event, HeartbeatMessage):
-                    self._on_heartbeat(event)
-                elif isinstance(event, Connected | Disconnected):
-                    self.commit()
-                    for listener in self.feed_listeners:
-                        listener(isinstance(event, Connected))
-                self._maybe_commit()
-        finally:
-            for task in helpers + [g.task for g in self.gaps.values() if g.task]:
-                task.cancel()
-            self.commit()
+        return True
+
+    def _stop_repairs(self) -> None:
+        """Cancel every repair and let its held trades go: they are fetched again after the cursor."""
+        for g in self.gaps.values():
+            if g.task is not None:
+                g.task.cancel()
+        self.gaps = {p: Gap() for p in self.cursors}
+        self._held = 0
+
+    @property
+    def _store_current(self) -> bool:
+        """The store takes writes, and is the one the cursors were read from (not reopened, replaced)."""
+        return self.keeper.writable and self.keeper.generation == self._generation
 
     @property
     def connected(self) -> bool:
@@ -219,6 +330,11 @@ class Ingester:
         """Event time of the newest trade held (committed or not), None before the first."""
         cursor = self.cursors.get(product)
         return cursor.last_time_us or None if cursor else None
+
+    def live_candle(self, product: str, granularity: int = HOUR) -> CandleRow | None:
+        """The candle in progress, committed or not; None before the first trade."""
+        cursor = self.cursors.get(product)
+        return cursor.live(granularity) if cursor else None
 
     def _on_trade(self, trade: Trade) -> None:
         c, g = self.cursors[trade.product], self.gaps[trade.product]
@@ -236,8 +352,6 @@ class Ingester:
         c, g = self.cursors[hb.product_id], self.gaps[hb.product_id]
         if c.last_trade_id is not None and hb.last_trade_id > c.last_trade_id:
             self._claim(c, g, hb.last_trade_id)
-        if c.pending and bucket_start(c.last_time_us, MINUTE) + MINUTE <= hb.time.timestamp():
-            c.minute_closed = True
         if c.product not in self._halted and g.task is None:
             self._check_halt(c, to_time_us(hb.time))
 
@@ -306,8 +420,11 @@ class Ingester:
                     break
                 up_to = g.low or g.target  # the lowest hole first (with the trade after it)
                 claims, g.claims = g.claims, []
-                await self._fetch(c, g, last, up_to)  # run's loop and the flusher commit what it applied
+                await self._fetch(c, g, last, up_to)
                 now_at = c.last_trade_id or 0
+                if now_at != last:  # applied outside run's loop: tell and commit as it would
+                    self._tell(self.trade_listeners)
+                    self._maybe_commit()
                 self._unconfirmed(c, sum(1 for x in claims if now_at < x <= up_to))
                 g.claims += [x for x in claims if x > max(up_to, now_at)]  # not asked yet: the next attempt
                 if g.target <= now_at and not g.held:
@@ -405,70 +522,89 @@ class Ingester:
             )  # fmt: skip
 
     def _apply(self, c: ProductCursor, trade: Trade, via: Literal["feed", "rest"]) -> None:
-        c.apply(trade)
+        if c.apply(trade):
+            self._closing = True
         self._ingested[c.product, via].inc()
         if self._halted and c.product in self._halted:
             self._halted.discard(c.product)
             self.health.ok("trading", subject=c.product)
 
     def _maybe_commit(self) -> None:
-        if not any(c.minute_closed for c in self.cursors.values()):
+        """Commit the products whose hour closed (at once), or everything once the interval is up."""
+        now = time.monotonic()
+        interval_up = now - self._last_commit >= self.settings.commit_interval_s
+        if not self._closing and not interval_up:
             return
-        wait = self._last_commit + MIN_COMMIT_GAP_S - time.monotonic()
+        wait = self._last_commit + MIN_COMMIT_GAP_S - now
         if wait <= 0:
-            self.commit()
-        elif self._commit_timer is None:  # a closed minute never waits longer than the gap
-            self._commit_timer = asyncio.get_running_loop().call_later(wait, self.commit)
+            self.commit(only_closed=not interval_up)
+        elif self._commit_timer is None:  # a closed hour never waits longer than the gap
+            self._commit_timer = asyncio.get_running_loop().call_later(wait, self._commit_closed)
 
-    def commit(self) -> None:
+    def _commit_closed(self) -> None:
+        self._commit_timer = None
+        self.commit(only_closed=True)
+
+    def commit(self, *, only_closed: bool = False) -> None:
+        """Store what is pending (only the products whose hour closed, if ``only_closed``).
+
+        A storage error is handed to the keeper and pauses ingest; the trades stay uncommitted.
+        """
         if self._commit_timer is not None:
             self._commit_timer.cancel()
             self._commit_timer = None
-        committed = False
-        for c in self.cursors.values():
-            if not c.pending:
-                continue
-            assert c.first_trade_id is not None
-            assert c.last_trade_id is not None
-            self.store.commit_trades(
-                c.product,
-                c.pending,
-                first_trade_id=c.first_trade_id,
-                last_trade_id=c.last_trade_id,
-                last_trade_time_us=c.last_time_us,
-                first_trade_time_us=c.first_time_us,
-            )
-            LAST_TRADE_TIME.labels(c.product).set(c.last_time_us / 1e6)
-            c.pending = {}
-            c.minute_closed = False
-            committed = True
+        due = [c for c in self.cursors.values() if c.pending and (c.closed or not only_closed)]
         self._last_commit = time.monotonic()
-        if committed:
-            for listener in self.listeners:
-                listener()
+        self._closing = False
+        if not due or not self._store_current:
+            return
+        try:
+            self.store.commit_trades([c.to_commit() for c in due])
+        except sqlite3.Error as exc:
+            self.keeper.failed(exc)
+            return
+        STORE_COMMITS.inc()
+        hour_closed = any(c.closed for c in due)
+        for c in due:
+            c.settle()
+            LAST_TRADE_TIME.labels(c.product).set(c.last_time_us / 1e6)
+        if hour_closed:  # retention counts market time: look once an hour of it
+            self._prune()
+        self._tell(self.listeners)
 
-    async def _flush_periodically(self) -> None:
-        retention_s = self.settings.minute_retention_days * 86_400
+    def _prune(self) -> None:
+        try:
+            removed = self.store.prune_trade_candles(MINUTE, self.settings.minute_retention_days * 86_400)
+        except sqlite3.Error as exc:
+            self.keeper.failed(exc)
+            return
+        if removed:
+            log.info("minute candles pruned", extra={"removed": removed})
+
+    @staticmethod
+    def _tell(listeners: list[Callable[[], None]]) -> None:
+        for listener in listeners:
+            listener()
+
+    def _tell_feed(self, connected: bool) -> None:
+        for listener in self.feed_listeners:
+            listener(connected)
+
+    async def _housekeep(self) -> None:
+        """Once a minute: a progress line, and a commit if trades stopped coming."""
         while True:
-            await asyncio.sleep(min(self.settings.commit_interval_s, MIN_COMMIT_GAP_S * 4))
-            if time.monotonic() - self._last_commit >= self.settings.commit_interval_s or any(
-                c.minute_closed for c in self.cursors.values()
-            ):
+            await asyncio.sleep(min(REPORT_EVERY_S, self.settings.commit_interval_s))
+            if time.monotonic() - self._last_commit >= self.settings.commit_interval_s:
                 self.commit()
             if time.monotonic() - self._last_report[0] >= REPORT_EVERY_S:
                 self._report()
-            if time.monotonic() - self._last_prune >= PRUNE_EVERY_S:
-                self._last_prune = time.monotonic()
-                removed = self.store.prune_trade_candles(MINUTE, retention_s)
-                if removed:
-                    log.info("minute candles pruned", extra={"removed": removed})
 
     def _report(self) -> None:
         """One line per product a minute: is data flowing, and how fresh is it."""
         then, ids = self._last_report
         now = time.monotonic()
         for p, c in self.cursors.items():
-            gained = (c.last_trade_id or 0) - (ids[p] or c.first_trade_id or 0)
+            gained = (c.last_trade_id or 0) - (ids.get(p) or c.first_trade_id or 0)
             log.info(
                 "ingest progress",
                 extra={

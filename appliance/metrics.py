@@ -30,6 +30,9 @@ REST_REQUESTS = Counter(
 REST_ROWS_REJECTED = Counter(
     "cryptopi_rest_rows_rejected_total", "Malformed rows in Coinbase REST answers, skipped", ["endpoint"]
 )
+STORE_COMMITS = Counter(
+    "cryptopi_store_commits_total", "Trade commits (SQLite transactions) by ingest: what the SD card writes"
+)
 LAST_TRADE_TIME = Gauge(
     "cryptopi_last_trade_timestamp_seconds", "Event time of the newest committed trade", ["product"]
 )

@@ -172,8 +172,8 @@ class MqttPublisher:
             self.set_models(product, granularity, self.models_of(product, granularity))
         self.publish(rows)
 
-    def on_commit(self) -> None:
-        """Trades were stored: pass on the live prices (``publish_live_price`` keeps the pace)."""
+    def on_trades(self) -> None:
+        """Trades came in: pass on the live prices (``publish_live_price`` keeps the pace)."""
         for product, price in self.live_prices().items():
             self.publish_live_price(product, price)
 

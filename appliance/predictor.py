@@ -1,7 +1,9 @@
 """Closed candles in, stored predictions out; closed targets in, realized closes recorded.
 
 Woken by the ingester after each commit, so a prediction exists moments after its candle closes and
-reading it later costs a lookup. New model versions are picked up between steps.
+reading it later costs a lookup. New model versions are picked up between steps. While the store
+cannot be written, nothing is predicted (no new candle can have been stored either); the step after
+it works again catches up.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -18,6 +21,7 @@ from appliance.inference import Inference
 from appliance.metrics import COVERAGE_80, REALIZED_MAE
 from appliance.predictions import Accuracy, PredictionRow, accuracy
 from appliance.store import Store
+from appliance.storekeeper import StoreKeeper
 
 log = logging.getLogger(__name__)
 RELOAD_EVERY_S = 10.0
@@ -30,8 +34,9 @@ Horizon = tuple[str, int]  # (product, granularity)
 class Predictor:
     """Predicts each product at each horizon its models serve (``Inference.granularities``)."""
 
-    def __init__(self, store: Store, inference: Inference) -> None:
+    def __init__(self, store: Store, inference: Inference, keeper: StoreKeeper | None = None) -> None:
         self.store = store
+        self.keeper = keeper
         self.inference = inference
         self.wake = asyncio.Event()
         #: Why a product has no fresh prediction at a horizon (shown by /health and in 503s), None when
@@ -51,6 +56,21 @@ class Predictor:
 
     def step(self) -> list[PredictionRow]:
         """Predict every product and horizon whose newest closed candle has no prediction yet."""
+        if self.keeper is not None and not self.keeper.writable:
+            return []
+        try:
+            return self._step()
+        except sqlite3.Error as exc:
+            if self.keeper is None:
+                raise
+            self.keeper.failed(exc)
+            return []
+
+    def forget(self) -> None:
+        """The store was replaced: every candle is new to it, predicted or not."""
+        self._done_as_of.clear()
+
+    def _step(self) -> list[PredictionRow]:
         started = time.perf_counter()
         made: list[PredictionRow] = []
         for product in self.inference.products:
@@ -99,20 +119,25 @@ class Predictor:
             }  # fmt: skip
 
     async def run(self) -> None:
+        """Step when woken (a commit) or when new models came in; otherwise sleep."""
         last_reload = time.monotonic()
+        self.step()  # a candle that closed while the appliance was down
         while True:
             # asyncio.timeout, not wait_for: on 3.11, wait_for loses a cancellation that arrives as the
             # event is set (the ingester sets it on every commit), and the appliance would not stop.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(5):
+                async with asyncio.timeout(RELOAD_EVERY_S):
                     await self.wake.wait()
+            woken = self.wake.is_set()
             self.wake.clear()
+            reloaded = False
             if time.monotonic() - last_reload >= RELOAD_EVERY_S:
                 # In a worker thread: checking a new version hashes and loads its files, which must
                 # never stall the API or ingest (the swap itself is one assignment).
-                await asyncio.to_thread(self.inference.reload)
+                reloaded = await asyncio.to_thread(self.inference.reload)
                 last_reload = time.monotonic()
-            self.step()
+            if woken or reloaded:
+                self.step()
 
 
 def round_fields(rows: Sequence[PredictionRow], seconds: float) -> dict[str, object]:

@@ -3,7 +3,9 @@
 Wiring only: who is told what. The ingester is the only writer to SQLite (the predictor and the
 history keeper write through the same connection, on the same loop); the API reads through its own
 read-only connection, so a slow client never holds up a commit. If Coinbase is unreachable the API
-keeps serving what is stored and /health says so.
+keeps serving what is stored and /health says so. If storage fails (a full disk, a read-only folder,
+a corrupt file), the store keeper says so in /health and deals with it while the API, the stream
+and MQTT go on serving what they hold: the process never ends over it.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+from functools import partial
 
 from appliance.api.app import create_app
 from appliance.api.server import http_server
 from appliance.api.state import AppState
 from appliance.api.stream import Hub, LiveEvents
-from appliance.candles import HOUR
+from appliance.candles import HOUR, Candle
 from appliance.coinbase.rest import CoinbaseRest
 from appliance.health import Conditions
 from appliance.helpers.net import listen
@@ -28,6 +31,7 @@ from appliance.predictor import Predictor
 from appliance.products import resolve_settings
 from appliance.settings import Settings
 from appliance.store import Store
+from appliance.storekeeper import StoreKeeper
 
 log = logging.getLogger(__name__)
 
@@ -38,21 +42,26 @@ async def up(settings: Settings) -> None:
     health = Conditions()  # every part reports its trouble here; /health shows it
     async with CoinbaseRest.from_settings(settings, health) as rest:  # what a *-USD pattern stands for
         settings = await resolve_settings(settings, rest)
-    store = Store(settings.db_path)
-    reader = Store(settings.db_path, readonly=True)
+    store = Store(settings.db_path, connect=False)
+    reader = Store(settings.db_path, readonly=True, connect=False)
+    keeper = StoreKeeper(store, health, reader)
+    keeper.open()  # trouble is reported, not raised: the API serves whatever can be read
     inference = Inference(settings.models_dir, settings.products, settings.horizons, health)
     inference.reload()
-    predictor = Predictor(store, inference)
+    predictor = Predictor(store, inference, keeper=keeper)
     async with CoinbaseRest.from_settings(settings, health) as rest:
-        ingester = Ingester(settings, store, rest, health=health)
+        ingester = Ingester(settings, store, rest, health=health, keeper=keeper)
         needs = candles_needed(settings.horizons, settings.history_days)
-        history = HistoryKeeper(store, rest, settings.products, needs, predictor.wake.set, health)
+        history = HistoryKeeper(store, rest, settings.products, needs, predictor.wake.set, health, keeper)
         hub = Hub()
-        live = LiveEvents(hub, store, settings.products)
-        ingester.listeners += [predictor.wake.set, history.wake, live.on_commit]
-        app_state = AppState(settings, reader, inference, predictor, ingester, hub, health)
+        live = LiveEvents(hub, ingester, settings.products, settings.horizons)
+        ingester.listeners += [predictor.wake.set, history.wake]
+        ingester.trade_listeners.append(live.on_trades)
+        keeper.on_replaced += [predictor.forget, history.forget]
+        app_state = AppState(settings, reader, inference, predictor, ingester, hub, health,
+                             storage_error=keeper.failed)  # fmt: skip
         for product in settings.products:
-            app_state.keep(store.latest_predictions(product))
+            app_state.keep(keeper.read(partial(reader.latest_predictions, product), []))
         predictor.listeners += [live.on_predictions, app_state.keep]
         publisher = None
         if settings.mqtt_url:
@@ -63,14 +72,15 @@ async def up(settings: Settings) -> None:
                 accuracy=predictor.accuracy, live_prices=ingester.last_prices, health=health,
             )  # fmt: skip
             predictor.listeners.append(publisher.on_predictions)
-            ingester.listeners.append(publisher.on_commit)
+            ingester.trade_listeners.append(publisher.on_trades)  # not on commits: minutes apart
             ingester.feed_listeners.append(publisher.set_feed_connected)
             for product in settings.products:  # what is known already, before the next close
                 for g in settings.horizons:
-                    predictor.score(product, g)
-                publisher.on_predictions(store.latest_predictions(product))
-                if (newest := store.newest_trade_candle(product, HOUR)) is not None:
-                    publisher.publish_live_price(product, newest.close)
+                    keeper.read(partial(predictor.score, product, g), None)
+                publisher.on_predictions(keeper.read(partial(reader.latest_predictions, product), []))
+                opened: dict[int, tuple[int, Candle]] = keeper.read(partial(reader.open_candles, product), {})
+                if HOUR in opened:
+                    publisher.publish_live_price(product, opened[HOUR][1].close)
             publisher.start()
         app = create_app(app_state)
         # Everything loaded so far (models, libraries, the app) lives as long as the process: out of
@@ -79,12 +89,12 @@ async def up(settings: Settings) -> None:
         server = http_server(app, settings)
         # uvicorn takes SIGINT/SIGTERM while serving, shuts down, then re-raises them: the server
         # finishing is what stops every other part.
-        parts = (server.serve([http_socket]), ingester.run(), predictor.run(), history.run())
+        parts = (server.serve([http_socket]), ingester.run(), predictor.run(), history.run(), keeper.run())
         tasks = [asyncio.create_task(part) for part in parts]
         log.info("appliance up", extra={"http": f"{settings.http_host}:{settings.http_port}",
                                         "products": ",".join(settings.products)})  # fmt: skip
         try:
-            done, _ = await asyncio.wait(tasks[:3], return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 task.result()  # a crashed part ends the process with its error
         finally:
@@ -94,6 +104,6 @@ async def up(settings: Settings) -> None:
             await asyncio.gather(*tasks, return_exceptions=True)
             if publisher:
                 publisher.stop()
-            store.close()
             reader.close()
+            store.close()  # the last connection: the write-ahead log is folded in, one file remains
             log.info("appliance stopped")

@@ -44,7 +44,12 @@ class Settings(BaseSettings):
     reconnect_max_s: float = Field(30.0, gt=0, description="Cap of the reconnect back-off, in seconds")
     rest_rate_per_s: float = Field(10.0, gt=0, le=10, description="REST requests/s (Coinbase allows 10)")
     rest_timeout_s: float = Field(10.0, gt=0, description="Timeout of each REST request, in seconds")
-    commit_interval_s: float = Field(1.0, gt=0, description="Longest time trades wait uncommitted")
+    commit_interval_s: float = Field(
+        300.0, gt=0, le=3600,
+        description="Longest time trades wait uncommitted while they keep coming, in seconds (a close of "
+        "the shortest horizon's candle commits at once); longer writes less to the SD card, and more is "
+        "fetched again over REST after a crash",
+    )  # fmt: skip
     feed_buffer_frames: int = Field(
         10_000, ge=1, le=1_000_000, description="Feed messages held while ingest is busy or repairing"
     )

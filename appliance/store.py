@@ -5,6 +5,11 @@ Crash safety rests on one invariant kept by :meth:`Store.commit_trades`: the tra
 equal the aggregate of exactly the trades up to ``ingest_state.last_trade_id``, because the candle
 deltas and that id are written in the same transaction. After a crash the ingester resumes from the
 id and fetches whatever came later over REST.
+
+Durability is chosen for an SD card, not for the last commit: ``synchronous = NORMAL`` in WAL mode
+fsyncs only at checkpoints, so a power cut may lose the newest commits but never corrupts the file,
+and whatever it loses is fetched again over REST. A store is opened only if this release knows its
+schema: a newer one is refused before anything is written to it.
 """
 
 from __future__ import annotations
@@ -18,7 +23,15 @@ from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Literal
 
-from appliance.candles import SIZE_SCALE, Candle, CandleRow, IngestState, bucket_start, splice
+from appliance.candles import (
+    SIZE_SCALE,
+    TRADE_GRANULARITIES,
+    Candle,
+    CandleRow,
+    IngestState,
+    bucket_start,
+    splice,
+)
 from appliance.predictions import PredictionRow
 
 log = logging.getLogger(__name__)
@@ -96,6 +109,39 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX predictions_unrealized ON predictions (product, granularity, target_time)
         WHERE realized_close IS NULL;
     """,
+    # 4: trade candles keyed time first, so one commit of every product's newest minute, quarter and hour
+    # touches a few adjacent pages rather than three per product (what an SD card writes). And the
+    # 15-minute trade candles rebuilt from the minute candles kept (exact, like them): a store of
+    # schema 2 had none, and one upgraded to 3 began them part-way through a quarter.
+    """
+    CREATE TABLE trade_candles_v4 (
+        product TEXT NOT NULL,
+        granularity INTEGER NOT NULL,
+        start INTEGER NOT NULL,
+        open REAL NOT NULL, high REAL NOT NULL, low REAL NOT NULL, close REAL NOT NULL,
+        volume_e8 INTEGER NOT NULL CHECK (volume_e8 > 0),
+        trades INTEGER NOT NULL CHECK (trades > 0),
+        PRIMARY KEY (granularity, start, product)
+    ) WITHOUT ROWID;
+    INSERT INTO trade_candles_v4 SELECT * FROM trade_candles;
+    INSERT OR REPLACE INTO trade_candles_v4
+    SELECT product, 900, quarter, open, high, low, close, volume_e8, trades FROM (
+        SELECT product, start - start % 900 AS quarter,
+            first_value(open) OVER q AS open, max(high) OVER q AS high, min(low) OVER q AS low,
+            last_value(close) OVER q AS close, sum(volume_e8) OVER q AS volume_e8,
+            sum(trades) OVER q AS trades, row_number() OVER q AS n
+        FROM trade_candles WHERE granularity = 60
+        WINDOW q AS (PARTITION BY product, start - start % 900 ORDER BY start
+                     ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)
+    ) AS m WHERE n = 1 AND quarter >= (  -- from ingest's first quarter, or the first whole one kept
+        SELECT CASE WHEN min(t.start) <= s.first_trade_time_us / 1000000
+                    THEN min(t.start) - min(t.start) % 900 ELSE (min(t.start) + 899) / 900 * 900 END
+        FROM trade_candles AS t JOIN ingest_state AS s USING (product)
+        WHERE t.granularity = 60 AND t.product = m.product
+    );
+    DROP TABLE trade_candles;
+    ALTER TABLE trade_candles_v4 RENAME TO trade_candles;
+    """,
 )
 
 CandleSource = Literal["trades", "history"]
@@ -108,27 +154,107 @@ class UpsertResult:
     unchanged: int
 
 
-class Store:
-    """One connection to the database; make one per thread or task that needs its own."""
+@dataclass(frozen=True, slots=True)
+class TradeCommit:
+    """One product's share of a commit: candle deltas (keyed by granularity, start) and its cursor."""
 
-    def __init__(self, path: Path | str, *, readonly: bool = False) -> None:
+    product: str
+    deltas: Mapping[tuple[int, int], Candle]
+    first_trade_id: int
+    last_trade_id: int
+    last_trade_time_us: int
+    first_trade_time_us: int | None = None
+
+
+class StoreRefused(Exception):
+    """The file belongs to a newer release: it is left exactly as it is."""
+
+
+class StoreClosed(sqlite3.OperationalError):
+    """The store is not open (it could not be, or is being replaced): like any other storage error."""
+
+
+class Store:
+    """One connection to the database; make one per thread or task that needs its own.
+
+    ``connect=False`` makes it closed until :meth:`connect` succeeds: every call raises
+    :class:`StoreClosed` (a ``sqlite3.Error``) meanwhile, so callers handle it like any storage error.
+    """
+
+    def __init__(self, path: Path | str, *, readonly: bool = False, connect: bool = True) -> None:
         self.path = Path(path)
-        if readonly:
-            uri = f"file:{self.path}?mode=ro"
-            self._db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        self.readonly = readonly
+        self._conn: sqlite3.Connection | None = None
+        if connect:
+            self.connect()
+
+    def connect(self) -> None:
+        """(Re)open the file; a writer migrates it. Raises sqlite3.Error or StoreRefused."""
+        self.close()
+        if self.readonly:
+            self._conn = self._open_readonly()
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA busy_timeout = 5000")
-        if not readonly:
-            self._db.execute("PRAGMA journal_mode = WAL")
-            # NORMAL in WAL mode: a power cut may lose the last commits but never corrupts; the
-            # ingester re-fetches anything after the committed trade id.
-            self._db.execute("PRAGMA synchronous = NORMAL")
-            self._migrate()
+            self.refuse_if_newer()
+            self._conn = db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            try:
+                db.execute("PRAGMA busy_timeout = 5000")
+                db.execute("PRAGMA journal_mode = WAL")
+                # NORMAL in WAL mode: fsync at checkpoints only. A power cut may lose the newest
+                # commits, never the file; the ingester re-fetches anything after the committed id.
+                db.execute("PRAGMA synchronous = NORMAL")
+                self._migrate()
+            except BaseException:
+                self.close()
+                raise
+
+    def _open_readonly(self) -> sqlite3.Connection:
+        """A read-only connection; ``immutable`` when the folder cannot even take SQLite's -shm file."""
+        uri = f"file:{self.path}?mode=ro"
+        db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA busy_timeout = 5000")
+            db.execute("PRAGMA user_version").fetchone()
+        except sqlite3.OperationalError as exc:
+            db.close()
+            if exc.sqlite_errorcode != sqlite3.SQLITE_CANTOPEN or not self.path.exists():
+                raise
+            db = sqlite3.connect(f"{uri}&immutable=1", uri=True, isolation_level=None,
+                                 check_same_thread=False)  # fmt: skip
+        return db
+
+    def refuse_if_newer(self) -> None:
+        """StoreRefused if the file's schema is newer than this release's; read without writing."""
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return
+        db = self._open_readonly()
+        try:
+            (version,) = db.execute("PRAGMA user_version").fetchone()
+        finally:
+            db.close()
+        self._check_version(version)
+
+    def _check_version(self, version: int) -> None:
+        if version > len(MIGRATIONS):
+            raise StoreRefused(
+                f"{self.path.name} was written by a newer release (schema {version}; this release "
+                f"knows up to {len(MIGRATIONS)}): left untouched"
+            )
+
+    @property
+    def is_open(self) -> bool:
+        return self._conn is not None
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreClosed(f"{self.path.name} is not open")
+        return self._conn
 
     def close(self) -> None:
-        self._db.close()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     def __enter__(self) -> Store:
         return self
@@ -138,20 +264,22 @@ class Store:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
         try:
-            yield self._db
+            yield db
+            db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if db.in_transaction:  # SQLite has already rolled back after some errors (disk full)
+                db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
 
     def _migrate(self) -> None:
         (version,) = self._db.execute("PRAGMA user_version").fetchone()
-        if version > len(MIGRATIONS):
-            raise RuntimeError(
-                f"{self.path} has schema version {version}, newer than this program's {len(MIGRATIONS)}"
-            )
+        self._check_version(version)
+        if version == len(MIGRATIONS):  # one page written: fail now, not at the first commit, if it cannot
+            with self._transaction() as db:
+                db.execute(f"PRAGMA user_version = {version}")
         for number in range(version + 1, len(MIGRATIONS) + 1):
             with self._transaction() as db:
                 for statement in MIGRATIONS[number - 1].split(";"):
@@ -164,48 +292,43 @@ class Store:
     def schema_version(self) -> int:
         return int(self._db.execute("PRAGMA user_version").fetchone()[0])
 
+    @property
+    def wal_path(self) -> Path:
+        return self.path.with_name(self.path.name + "-wal")
+
+    def checkpoint(self) -> bool:
+        """Copy the write-ahead log into the database file and empty it; False if a reader held it up."""
+        busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return not busy
+
     # -- trade path -------------------------------------------------------------------------------
 
-    def commit_trades(
-        self,
-        product: str,
-        deltas: Mapping[tuple[int, int], Candle],
-        *,
-        first_trade_id: int,
-        last_trade_id: int,
-        last_trade_time_us: int,
-        first_trade_time_us: int | None = None,
-    ) -> None:
-        """Merge candle deltas (keyed by granularity, start) and advance the cursor, atomically."""
+    def commit_trades(self, commits: Iterable[TradeCommit]) -> None:
+        """Merge every product's candle deltas and advance their cursors, in one transaction."""
         with self._transaction() as db:
-            db.executemany(
-                """
-                INSERT INTO trade_candles VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
-                ON CONFLICT (product, granularity, start) DO UPDATE SET
-                    high = max(high, excluded.high), low = min(low, excluded.low),
-                    close = excluded.close, volume_e8 = volume_e8 + excluded.volume_e8,
-                    trades = trades + excluded.trades
-                """,
-                [
-                    (product, g, s, c.open, c.high, c.low, c.close, c.volume_e8, c.trades)
-                    for (g, s), c in deltas.items()
-                ],
-            )
-            db.execute(
-                """
-                INSERT INTO ingest_state VALUES (?, ?, ?, ?, ?, ?)
-                ON CONFLICT (product) DO UPDATE SET last_trade_id = excluded.last_trade_id,
-                    last_trade_time_us = excluded.last_trade_time_us, updated_at = excluded.updated_at
-                """,
-                (
-                    product,
-                    first_trade_id,
-                    last_trade_id,
-                    last_trade_time_us,
-                    time.time(),
-                    first_trade_time_us,
-                ),
-            )
+            for c in commits:
+                db.executemany(
+                    """
+                    INSERT INTO trade_candles VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                    ON CONFLICT (granularity, start, product) DO UPDATE SET
+                        high = max(high, excluded.high), low = min(low, excluded.low),
+                        close = excluded.close, volume_e8 = volume_e8 + excluded.volume_e8,
+                        trades = trades + excluded.trades
+                    """,
+                    [
+                        (c.product, g, s, d.open, d.high, d.low, d.close, d.volume_e8, d.trades)
+                        for (g, s), d in c.deltas.items()
+                    ],
+                )
+                db.execute(
+                    """
+                    INSERT INTO ingest_state VALUES (?, ?, ?, ?, ?, ?)
+                    ON CONFLICT (product) DO UPDATE SET last_trade_id = excluded.last_trade_id,
+                        last_trade_time_us = excluded.last_trade_time_us, updated_at = excluded.updated_at
+                    """,
+                    (c.product, c.first_trade_id, c.last_trade_id, c.last_trade_time_us, time.time(),
+                     c.first_trade_time_us),
+                )  # fmt: skip
 
     def ingest_state(self, product: str) -> IngestState | None:
         row = self._db.execute(
@@ -216,21 +339,43 @@ class Store:
         ).fetchone()
         return IngestState(*row) if row else None
 
+    def open_candles(self, product: str) -> dict[int, tuple[int, Candle]]:
+        """The stored part of the newest bucket of each trade granularity: {granularity: (start, candle)}."""
+        state = self.ingest_state(product)
+        if state is None:
+            return {}
+        out = {}
+        for g in TRADE_GRANULARITIES:
+            start = bucket_start(state.last_trade_time_us, g)
+            row = self._db.execute(
+                "SELECT open, high, low, close, volume_e8, trades FROM trade_candles"
+                " WHERE granularity = ? AND start = ? AND product = ?",
+                (g, start, product),
+            ).fetchone()
+            if row:
+                out[g] = (start, Candle(*row))
+        return out
+
     def prune_trade_candles(self, granularity: int, keep_s: float) -> int:
         """Drop candles of one granularity older than ``keep_s`` before each product's newest one.
 
         Measured from the data rather than the wall clock, so replaying old markets prunes sanely.
         """
+        removed = 0
         with self._transaction() as db:
-            cur = db.execute(
-                """
-                DELETE FROM trade_candles AS t WHERE granularity = :g AND start < (
-                    SELECT max(start) FROM trade_candles AS n
-                    WHERE n.product = t.product AND n.granularity = :g) - :keep
-                """,
-                {"g": granularity, "keep": keep_s},
-            )
-        return cur.rowcount
+            for (product,) in db.execute("SELECT product FROM ingest_state").fetchall():
+                newest = db.execute(  # from the end of the time-ordered key: a few rows read
+                    "SELECT start FROM trade_candles WHERE granularity = ? AND product = ?"
+                    " ORDER BY start DESC LIMIT 1",
+                    (granularity, product),
+                ).fetchone()
+                if newest is not None:
+                    cur = db.execute(
+                        "DELETE FROM trade_candles WHERE granularity = ? AND start < ? AND product = ?",
+                        (granularity, newest[0] - keep_s, product),
+                    )
+                    removed += cur.rowcount
+        return removed
 
     # -- imported history -------------------------------------------------------------------------
 
@@ -298,15 +443,6 @@ class Store:
             " WHERE product = ? AND granularity = ? AND start >= ? AND start < ? ORDER BY start"
         )
         return [CandleRow(*row) for row in self._db.execute(sql, (product, granularity, lo, hi))]
-
-    def newest_trade_candle(self, product: str, granularity: int) -> CandleRow | None:
-        """The trade-built candle of the newest stored trade (the one in progress, or just closed)."""
-        state = self.ingest_state(product)
-        if state is None:
-            return None
-        start = bucket_start(state.last_trade_time_us, granularity)
-        rows = self.candles(product, granularity, source="trades", start=start, end=start + granularity)
-        return rows[0] if rows else None
 
     def series_rows(self, product: str, granularity: int, *, last: int | None = None) -> list[CandleRow]:
         """The best closed candles of a product, oldest first (only the newest ``last`` if given).
@@ -403,3 +539,7 @@ class Store:
 
     def integrity_check(self) -> str:
         return str(self._db.execute("PRAGMA integrity_check").fetchone()[0])
+
+    def quick_check(self) -> str:
+        """'ok', or SQLite's first complaint: reads every page (seconds for a large file on a Pi)."""
+        return str(self._db.execute("PRAGMA quick_check").fetchone()[0])

@@ -7,6 +7,7 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -312,6 +313,93 @@ class MqttWatcher:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+class Appliance:
+    """``python -m appliance up`` on a data folder, against a replay server, with its log kept.
+
+    It records every answer: ``stop`` checks that none was a 5xx other than 503 ("not yet").
+    """
+
+    def __init__(self, data: Path, replay_port: int, log: Path) -> None:
+        self.port, self.log = free_port(), log
+        env = os.environ | {
+            "CRYPTOPI_DATA_DIR": str(data), "CRYPTOPI_HTTP_HOST": "127.0.0.1",
+            "CRYPTOPI_HTTP_PORT": str(self.port), "CRYPTOPI_LOG_LEVEL": "INFO",
+            "CRYPTOPI_COINBASE_WS_URL": f"ws://127.0.0.1:{replay_port}",
+            "CRYPTOPI_COINBASE_REST_URL": f"http://127.0.0.1:{replay_port}",
+            "CRYPTOPI_FEED_WATCHDOG_S": "2", "CRYPTOPI_RECONNECT_MAX_S": "0.5",
+            "CRYPTOPI_COMMIT_INTERVAL_S": "1",  # the tape's last trades are stored soon after it ends
+        }  # fmt: skip
+        self.proc = subprocess.Popen([sys.executable, "-m", "appliance", "up"], env=env, cwd=REPO,
+                                     stdout=log.open("ab"), stderr=subprocess.STDOUT)  # fmt: skip
+        self.statuses: list[tuple[str, int]] = []
+        self.wait(lambda: self.get("/livez") is not None, 60, "the API to answer")
+
+    def get(self, path: str, **params: Any) -> httpx.Response | None:
+        assert self.proc.poll() is None, f"the appliance exited:\n{self.tail()}"
+        try:
+            answer = httpx.get(f"http://127.0.0.1:{self.port}{path}", params=params, timeout=5)
+        except httpx.TransportError:
+            return None
+        self.statuses.append((path, answer.status_code))
+        return answer
+
+    def status(self, path: str, **params: Any) -> int | None:
+        answer = self.get(path, **params)
+        return answer.status_code if answer is not None else None
+
+    def health(self) -> dict[str, Any]:
+        body: dict[str, Any] = self.ok("/health").json()
+        return body
+
+    def ok(self, path: str, **params: Any) -> httpx.Response:
+        answer = self.get(path, **params)
+        assert answer is not None, f"{path}: no answer"
+        assert answer.status_code == 200, (path, answer.text)
+        return answer
+
+    def storage_problem(self) -> str | None:
+        return next((p["message"] for p in self.health()["problems"] if p["component"] == "storage"), None)
+
+    def incidents(self) -> list[str]:
+        return [i["message"] for i in self.health()["incidents"] if i["component"] == "storage"]
+
+    def serves(self) -> None:
+        """What the API holds is served: candles from the store, the stream's health, never a 5xx."""
+        assert self.ok("/api/candles/BTC-USD").json(), "no candles served"
+        for path in ("/livez", "/api/predictions/BTC-USD", "/metrics"):
+            self.ok(path)
+
+    def wait(self, predicate: Callable[[], object], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert self.proc.poll() is None, f"the appliance exited:\n{self.tail()}"
+            assert time.monotonic() < deadline, f"timed out waiting for {what}\n{self.tail()}"
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        assert self.proc.wait(30) == 0, self.tail()
+        errors = [s for s in self.statuses if s[1] >= 500 and s[1] != 503]  # 503: no prediction yet
+        assert not errors, errors
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def tail(self) -> str:
+        return self.log.read_text()[-4000:]
+
+
+@contextlib.contextmanager
+def appliance(data: Path, replay_port: int, log: Path) -> Iterator[Appliance]:
+    app = Appliance(data, replay_port, log)
+    try:
+        yield app
+    finally:
+        app.kill()
 
 
 def all_predicting(health: dict[str, Any]) -> bool:

@@ -1,8 +1,14 @@
 """History loading: REST back-fill and CSV import are exact, idempotent and show their work."""
 
+import re
+import signal
+import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from appliance.candle_csv import read_candle_csv
 from appliance.coinbase.rest import CoinbaseRest
@@ -114,3 +120,40 @@ def test_bad_configuration_exits_2_naming_the_variable(tmp_path: Path) -> None:
     assert "CRYPTOPI_PRODUCTS" in out.stdout
     assert "'btc usd' is not a Coinbase product id" in out.stdout
     assert "CRYPTOPI_REST_RATE_PER_S" in out.stdout
+
+
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_an_interrupted_backfill_exits_non_zero_saying_what_it_stored(
+    tmp_path: Path, sig: signal.Signals, status: int
+) -> None:
+    db = tmp_path / "cryptopi.sqlite3"
+    env = {"CRYPTOPI_DATA_DIR": str(tmp_path), "CRYPTOPI_REST_RATE_PER_S": "2", "PATH": "/usr/bin:/bin"}
+    with replay_process([f"--candles=BTC-USD={BTC_1H}", "--start-at=2026-05-09"]) as port:  # 69 requests
+        env |= {"CRYPTOPI_COINBASE_REST_URL": f"http://127.0.0.1:{port}"}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "appliance", "backfill", "--product", "BTC-USD", "--start", "2024-01-01",
+             "--end", "2026-05-01"],
+            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+
+        def stored() -> int:
+            try:
+                with Store(db, readonly=True) as store:
+                    return len(store.candles("BTC-USD", 3600, source="history"))
+            except sqlite3.Error:
+                return 0
+
+        deadline = time.monotonic() + 60
+        while stored() < 600:  # a few requests in, many to go
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the backfill stored nothing"
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == status, err
+    summary = re.fullmatch(
+        rf"interrupted by {sig.name}: (\d+) candles from (\d+) requests: (\d+) new.*\n", out
+    )
+    assert summary is not None, out
+    assert int(summary.group(1)) == int(summary.group(3)) == stored()
+    assert int(summary.group(2)) < 69

@@ -22,7 +22,7 @@ from appliance.predictions import PredictionRow
 from appliance.registry import latest_versions, set_latest
 from appliance.replay.server import ReplayServer
 from appliance.replay.tape import load_tape
-from appliance.store import Store
+from appliance.store import Store, TradeCommit
 from tests.conftest import BTC_1H, REPO, SEPT_2025, Broker, MetricDelta, MqttWatcher, free_port, running_up
 
 
@@ -114,8 +114,7 @@ async def test_back_fill_failing_is_a_reason_per_product_until_it_works(tmp_path
     hour = start + 30 * 3600
     store = Store(tmp_path / "db.sqlite3")
     us = hour * 1_000_000
-    store.commit_trades("BTC-USD", {}, first_trade_id=1, last_trade_id=1, last_trade_time_us=us,
-                        first_trade_time_us=us)  # fmt: skip
+    store.commit_trades([TradeCommit("BTC-USD", {}, 1, 1, us, us)])
     health = Conditions()
     dead = free_port()
     unreachable = CoinbaseRest(f"http://127.0.0.1:{dead}", max_attempts=2, max_backoff_s=0.05)
@@ -133,9 +132,7 @@ async def test_back_fill_failing_is_a_reason_per_product_until_it_works(tmp_path
     try:
         await keeper.rest.aclose()
         keeper.rest = CoinbaseRest(f"http://127.0.0.1:{port}")
-        store.commit_trades(
-            "BTC-USD", {}, first_trade_id=1, last_trade_id=2, last_trade_time_us=(hour + 3600) * 1_000_000
-        )  # the next hour: checked again
+        store.commit_trades([TradeCommit("BTC-USD", {}, 1, 2, (hour + 3600) * 1_000_000)])  # the next hour
         await keeper.check("BTC-USD", 3600)
     finally:
         await keeper.rest.aclose()

@@ -8,7 +8,12 @@ import pytest
 
 from appliance.candles import Candle, CandleRow, IngestState
 from appliance.predictions import PredictionRow
-from appliance.store import MIGRATIONS, Store
+from appliance.store import MIGRATIONS, Store, TradeCommit
+
+
+def commit(store: Store, deltas: dict[tuple[int, int], Candle], **cursor: int) -> None:
+    """One BTC-USD commit: candle deltas and the cursor (first/last trade id and time)."""
+    store.commit_trades([TradeCommit("BTC-USD", deltas, **cursor)])
 
 
 def test_fresh_database_is_migrated_and_in_wal(tmp_path: Path) -> None:
@@ -21,8 +26,8 @@ def test_fresh_database_is_migrated_and_in_wal(tmp_path: Path) -> None:
 
 def test_reopening_keeps_data_and_does_not_remigrate(tmp_path: Path) -> None:
     with Store(tmp_path / "db.sqlite3") as store:
-        store.commit_trades(
-            "BTC-USD",
+        commit(
+            store,
             {(60, 0): Candle(1, 2, 1, 2, 10, 2)},
             first_trade_id=1,
             last_trade_id=2,
@@ -33,24 +38,17 @@ def test_reopening_keeps_data_and_does_not_remigrate(tmp_path: Path) -> None:
         assert store.trade_candle_deltas("BTC-USD", 60) == {0: Candle(1, 2, 1, 2, 10, 2)}
 
 
-def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
-    Store(tmp_path / "db.sqlite3").close()
-    sqlite3.connect(tmp_path / "db.sqlite3").execute("PRAGMA user_version = 99")
-    with pytest.raises(RuntimeError, match="newer"):
-        Store(tmp_path / "db.sqlite3")
-
-
 def test_commits_merge_deltas_and_move_the_cursor(tmp_path: Path) -> None:
     with Store(tmp_path / "db.sqlite3") as store:
-        store.commit_trades(
-            "BTC-USD",
+        commit(
+            store,
             {(60, 0): Candle(10, 12, 9, 11, 5, 3)},
             first_trade_id=1,
             last_trade_id=3,
             last_trade_time_us=1,
         )
-        store.commit_trades(
-            "BTC-USD",
+        commit(
+            store,
             {(60, 0): Candle(8, 8, 7, 7.5, 2, 1), (60, 60): Candle(7, 7, 7, 7, 1, 1)},
             first_trade_id=1,
             last_trade_id=5,
@@ -71,7 +69,7 @@ def test_a_failed_commit_leaves_nothing_behind(tmp_path: Path) -> None:
             (60, 60): Candle(1, 1, 1, 1, 0, 1),
         }  # volume 0 violates CHECK
         with pytest.raises(sqlite3.IntegrityError):
-            store.commit_trades("BTC-USD", bad, first_trade_id=1, last_trade_id=2, last_trade_time_us=1)
+            commit(store, bad, first_trade_id=1, last_trade_id=2, last_trade_time_us=1)
         assert store.trade_candle_deltas("BTC-USD", 60) == {}
         assert store.ingest_state("BTC-USD") is None
 
@@ -97,7 +95,7 @@ def test_retention_is_measured_from_the_newest_candle(tmp_path: Path) -> None:
     with Store(tmp_path / "db.sqlite3") as store:
         deltas = {(60, s): Candle(1, 1, 1, 1, 1, 1) for s in (0, day, 10 * day)}
         deltas[(3600, 0)] = Candle(1, 1, 1, 1, 3, 3)
-        store.commit_trades("BTC-USD", deltas, first_trade_id=1, last_trade_id=3, last_trade_time_us=1)
+        commit(store, deltas, first_trade_id=1, last_trade_id=3, last_trade_time_us=1)
         assert store.prune_trade_candles(60, 5 * day) == 2
         assert list(store.trade_candle_deltas("BTC-USD", 60)) == [10 * day]
         assert list(store.trade_candle_deltas("BTC-USD", 3600)) == [0]  # hourly candles are kept
@@ -106,8 +104,8 @@ def test_retention_is_measured_from_the_newest_candle(tmp_path: Path) -> None:
 def test_readers_are_not_blocked_by_an_open_write(tmp_path: Path) -> None:
     path = tmp_path / "db.sqlite3"
     with Store(path) as writer:
-        writer.commit_trades(
-            "BTC-USD",
+        commit(
+            writer,
             {(60, 0): Candle(1, 1, 1, 1, 1, 1)},
             first_trade_id=1,
             last_trade_id=1,
@@ -134,8 +132,8 @@ def test_series_uses_trade_candles_only_from_the_first_whole_bucket(tmp_path: Pa
             "BTC-USD", h, [CandleRow(s * h, 10.0, 11.0, 9.0, 10.0, 5.0) for s in range(5)], "rest"
         )
         trade_buckets = {(h, s * h): Candle(20.0, 21.0, 19.0, 20.0, 100, 3) for s in (2, 3, 4, 5)}
-        store.commit_trades(
-            "BTC-USD",
+        commit(
+            store,
             trade_buckets,
             first_trade_id=1,
             last_trade_id=12,

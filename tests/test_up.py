@@ -1,5 +1,7 @@
 """``python -m appliance up`` against the replay server: live trades in, the same predictions out."""
 
+import asyncio
+import contextlib
 import json
 import signal
 import subprocess
@@ -7,9 +9,11 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+import websockets
 
 from appliance.candle_csv import read_candle_csv
 from appliance.candles import parse_time
@@ -141,6 +145,41 @@ def test_bad_requests_get_a_clear_4xx(appliance, path: str, params: dict[str, st
     response = httpx.get(f"{url}{path}", params=params)
     assert response.status_code == status
     assert message in response.text
+
+
+def test_the_stream_sends_the_candle_in_progress_from_memory(appliance) -> None:
+    """The live candle of each horizon comes from ingest between its commits: each event of a candle
+    is a beginning of the candle stored once it has closed (same open, range inside, volume so far)."""
+    url, *_ = appliance
+
+    async def listen(seconds: float) -> list[dict[str, Any]]:
+        async with websockets.connect(url.replace("http", "ws") + "/api/stream") as ws:
+            events = []
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    events.append(json.loads(await asyncio.wait_for(ws.recv(), 0.5)))
+            return events
+
+    events = asyncio.run(listen(7))  # three to four hours of market
+    assert events[0]["type"] == "snapshot"
+    assert [e["granularity"] for e in events[1:3]] == [3600, 900], "each candle in progress follows it"
+    for g in (3600, 900):
+        seen: dict[str, list[dict[str, Any]]] = {}
+        for e in events:
+            if e["type"] == "candle" and e["product"] == "BTC-USD" and e["granularity"] == g:
+                seen.setdefault(e["candle"]["time"], []).append(e["candle"])
+        answer = httpx.get(f"{url}/api/candles/BTC-USD", params={"granularity": g}).json()
+        stored = {c["time"]: c for c in answer}
+        closed = [start for start in seen if start in stored]
+        assert len(closed) >= 2, (g, sorted(seen), sorted(stored)[-3:])
+        for start in closed:
+            final, volumes = stored[start], [c["volume"] for c in seen[start]]
+            assert volumes == sorted(volumes)
+            for c in seen[start]:
+                assert c["open"] == final["open"]
+                assert final["low"] <= c["low"] <= c["high"] <= final["high"]
+                assert c["volume"] <= final["volume"] * (1 + 1e-12)
 
 
 def test_mqtt_carries_the_prediction_the_api_serves(appliance) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from typing import Any
 
@@ -13,7 +14,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from appliance import __version__
 from appliance.api.edge import Edge
-from appliance.api.errors import validation_error
+from appliance.api.errors import storage_unavailable, validation_error
 from appliance.api.routers import accuracy, candles, health, predictions, site, stream
 from appliance.api.routers.site import STATIC
 from appliance.api.state import AppState
@@ -37,6 +38,7 @@ def create_app(state: AppState) -> FastAPI:
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(sqlite3.Error, storage_unavailable)
     app.add_middleware(Timed)
     # Outermost: a refusal costs nothing more.
     app.add_middleware(Edge, local_networks=settings.http_local_networks, rate_per_s=settings.http_rate_per_s,

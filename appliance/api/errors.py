@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from appliance.api.schemas import MODEL_PATTERN, ErrorOut
+from appliance.api.state import AppState
 from appliance.candles import PRODUCT_PATTERN, parse_time
 
 #: The ``responses=`` of every route that can refuse: OpenAPI documents the one error body.
@@ -64,3 +65,9 @@ def query_time(name: str, text: str) -> int:
     if not 0 <= when <= LATEST_TIME:
         raise HTTPException(422, f"{name}: {text!r} is outside 1970-01-01 .. 9999-12-31")
     return when
+
+
+async def storage_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """The store failed under a request: 503 saying what is wrong, never a 500."""
+    state: AppState = request.app.state.appliance
+    return JSONResponse({"detail": f"storage unavailable: {state.storage_trouble(exc)}"}, status_code=503)

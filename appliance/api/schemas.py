@@ -121,6 +121,10 @@ class Health(BaseModel):
     build: str = Field(description="Image build: version and commit ('dev' outside an image)")
     ingest_connected: bool
     problems: list[ProblemOut] = Field(description="Everything wrong right now, oldest first")
+    incidents: list[ProblemOut] = Field(
+        description="Trouble dealt with since the process started (a corrupt store replaced, ...), "
+        "oldest first"
+    )
     products: dict[str, ProductHealth]
 
 

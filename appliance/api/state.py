@@ -1,25 +1,29 @@
 """What the routes read: a narrow view of the running appliance, injected (tests build it from real parts).
 
 The API never reaches into ingest: it sees :class:`IngestView` (is the feed connected, how fresh is a
-product's data), which the ingester provides.
+product's data, the candle in progress), which the ingester provides. Storage errors met while
+answering go to ``storage_error``, which says what is wrong (and, in the appliance, sets repair going).
 """
 
 from __future__ import annotations
 
+import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Protocol
 
 from fastapi import Depends, HTTPException, Request
 
 from appliance.api.stream import Hub
-from appliance.candles import HORIZONS, HOUR
+from appliance.candles import HORIZONS, HOUR, CandleRow
 from appliance.health import Conditions
 from appliance.inference import Inference
 from appliance.predictions import PredictionRow
 from appliance.predictor import Predictor
 from appliance.settings import Settings
 from appliance.store import Store
+from appliance.storekeeper import diagnose
 
 
 class IngestView(Protocol):
@@ -27,6 +31,8 @@ class IngestView(Protocol):
     def connected(self) -> bool: ...
 
     def last_trade_time_us(self, product: str) -> int | None: ...
+
+    def live_candle(self, product: str, granularity: int) -> CandleRow | None: ...
 
 
 @dataclass
@@ -40,6 +46,19 @@ class AppState:
     health: Conditions = field(default_factory=Conditions)
     #: The newest prediction per (product, granularity, model), kept as made: reading it costs nothing.
     latest: dict[tuple[str, int, str], PredictionRow] = field(default_factory=dict)
+    #: A storage error met while answering -> what to tell the client.
+    storage_error: Callable[[BaseException], str] | None = None
+
+    def storage_trouble(self, exc: BaseException) -> str:
+        if self.storage_error is not None:
+            return self.storage_error(exc)
+        return diagnose(exc, self.reader.path).message
+
+    def latest_of(self, product: str, granularity: int | None = None) -> list[PredictionRow]:
+        """The newest prediction of every model of a product (at one horizon, or at each, the longest
+        first), from memory: the store may be failing."""
+        rows = (r for (p, g, _), r in self.latest.items() if p == product and granularity in (None, g))
+        return sorted(rows, key=lambda r: (-r.granularity, r.model))
 
     def keep(self, rows: list[PredictionRow]) -> None:
         for r in rows:
@@ -50,7 +69,11 @@ class AppState:
     def data_age_s(self, product: str) -> float | None:
         last_us = self.ingest.last_trade_time_us(product) if self.ingest else None
         if not last_us:
-            state = self.reader.ingest_state(product)
+            try:
+                state = self.reader.ingest_state(product)
+            except sqlite3.Error as exc:
+                self.storage_trouble(exc)
+                state = None
             last_us = state.last_trade_time_us if state else None
         return round(time.time() - last_us / 1e6, 3) if last_us else None
 

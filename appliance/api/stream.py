@@ -11,12 +11,14 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance.api.schemas import CandleOut, PredictionResult
 from appliance.candles import HOUR, CandleRow
 from appliance.predictions import PredictionRow
-from appliance.store import Store
+
+if TYPE_CHECKING:
+    from appliance.api.state import IngestView
 
 QUEUE = 64
 CANDLE_EVENT_GAP_S = 0.25  # live price updates to the dashboard at most 4 times a second
@@ -79,21 +81,39 @@ def snapshot_event(series: Sequence[Series]) -> Event:
 
 
 class LiveEvents:
-    """Turns the appliance's happenings into stream events: commits (the live price) and predictions."""
+    """Turns the appliance's happenings into stream events: trades (the live price) and predictions.
 
-    def __init__(self, hub: Hub, store: Store, products: Sequence[str]) -> None:
-        self.hub, self.store, self.products = hub, store, tuple(products)
+    The candle in progress comes from ingest's memory (it is stored only every few minutes), at
+    most every ``CANDLE_EVENT_GAP_S``; the last price of a burst is sent when the gap is over.
+    """
+
+    def __init__(
+        self, hub: Hub, ingest: IngestView, products: Sequence[str], granularities: Sequence[int] = (HOUR,)
+    ) -> None:
+        self.hub, self.ingest, self.products = hub, ingest, tuple(products)
+        self.granularities = tuple(granularities)  # a candle event per product and horizon
         self._last_candle_event = 0.0
+        self._due: asyncio.TimerHandle | None = None
+        self._sent: dict[tuple[str, int], CandleRow] = {}
 
-    def on_commit(self) -> None:
-        """The candle in progress of each product, at most every ``CANDLE_EVENT_GAP_S``."""
-        if not self.hub.clients or time.monotonic() - self._last_candle_event < CANDLE_EVENT_GAP_S:
+    def on_trades(self) -> None:
+        if not self.hub.clients or self._due is not None:
             return
+        wait = self._last_candle_event + CANDLE_EVENT_GAP_S - time.monotonic()
+        if wait <= 0:
+            self._publish_candles()
+        else:
+            self._due = asyncio.get_running_loop().call_later(wait, self._publish_candles)
+
+    def _publish_candles(self) -> None:
+        self._due = None
         self._last_candle_event = time.monotonic()
         for product in self.products:
-            row = self.store.newest_trade_candle(product, HOUR)
-            if row is not None:
-                self.hub.publish(candle_event(product, HOUR, row))
+            for g in self.granularities:
+                row = self.ingest.live_candle(product, g)
+                if row is not None and row != self._sent.get((product, g)):
+                    self._sent[product, g] = row
+                    self.hub.publish(candle_event(product, g, row))
 
     def on_predictions(self, rows: list[PredictionRow]) -> None:
         for r in rows:

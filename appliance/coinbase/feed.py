@@ -34,7 +34,7 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -188,7 +188,7 @@ class CoinbaseFeed:
     def wanted(self) -> list[str]:
         return [p for p in self.products if p not in self.refused]
 
-    async def events(self) -> AsyncIterator[FeedEvent]:
+    async def events(self) -> AsyncGenerator[FeedEvent, None]:
         failures = 0
         while True:
             reason, cause = "closed", "closed"

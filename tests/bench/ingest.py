@@ -57,6 +57,7 @@ def ingest(port: int, last_id: int) -> dict[str, float]:
             "CRYPTOPI_DATA_DIR": tmp,
             "CRYPTOPI_PRODUCTS": "BTC-USD",
             "CRYPTOPI_LOG_LEVEL": "WARNING",
+            "CRYPTOPI_COMMIT_INTERVAL_S": "1",  # the tape's last trades are stored a second after it ends
             "CRYPTOPI_COINBASE_WS_URL": f"ws://127.0.0.1:{port}",
             "CRYPTOPI_COINBASE_REST_URL": f"http://127.0.0.1:{port}",
         }

@@ -42,6 +42,8 @@ async def health(state: State) -> Health:
         )
     connected = bool(state.ingest and state.ingest.connected)
     problems = [ProblemOut.of(p) for p in state.health.current()]
+    incidents = [ProblemOut.of(p) for p in state.health.incidents()]
     ok = connected and not problems and all(p.prediction == "ok" for p in products.values())
     return Health(status="ok" if ok else "degraded", version=__version__, build=state.settings.build,
-                  ingest_connected=connected, problems=problems, products=products)  # fmt: skip
+                  ingest_connected=connected, problems=problems, incidents=incidents,
+                  products=products)  # fmt: skip

@@ -71,8 +71,7 @@ async def predictions(
     state.known(product)
     state.known_horizon(granularity)
     age, stale = state.data_age_s(product), state.stale(product)
-    rows = state.reader.latest_predictions(product, granularity)
-    return [PredictionResult.of(r, 0.8, age, stale) for r in rows]
+    return [PredictionResult.of(r, 0.8, age, stale) for r in state.latest_of(product, granularity)]
 
 
 @lru_cache(maxsize=64)

@@ -3,26 +3,34 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from appliance.api.state import AppState
-from appliance.api.stream import Event, Series, snapshot_event
+from appliance.api.stream import Event, Series, candle_event, snapshot_event
 
 router = APIRouter(tags=["stream"])
 CHART_CANDLES = 48
 
 
-def snapshot(state: AppState) -> Event:
-    """Every product at every horizon the appliance predicts."""
-    series = []
+def snapshot(state: AppState) -> list[Event]:
+    """Every product at every horizon the appliance predicts (from the store, or if it fails only the
+    newest predictions, from memory), then each one's candle in progress (from ingest's memory)."""
+    series, live = [], []
     for p in state.settings.products:
         age = state.data_age_s(p)
         for g in state.settings.horizons:
-            candles = state.reader.series_rows(p, g, last=CHART_CANDLES)
-            made = state.reader.predictions(p, granularity=g, since=candles[0].start) if candles else []
+            try:
+                candles = state.reader.series_rows(p, g, last=CHART_CANDLES)
+                made = state.reader.predictions(p, granularity=g, since=candles[0].start) if candles else []
+            except sqlite3.Error as exc:
+                state.storage_trouble(exc)
+                candles, made = [], state.latest_of(p, g)
             series.append(Series(p, g, candles, made[::-1], age))
-    return snapshot_event(series)
+            row = state.ingest.live_candle(p, g) if state.ingest is not None else None
+            live += [candle_event(p, g, row)] if row is not None else []
+    return [snapshot_event(series), *live]
 
 
 async def send(ws: WebSocket, event: Event) -> None:
@@ -45,7 +53,8 @@ async def stream(ws: WebSocket) -> None:
     # must end this handler at once, not at the next event.
     incoming = asyncio.ensure_future(ws.receive())
     try:
-        await send(ws, snapshot(state))
+        for first in snapshot(state):
+            await send(ws, first)
         while True:
             event = asyncio.ensure_future(queue.get())
             await asyncio.wait({event, incoming}, return_when=asyncio.FIRST_COMPLETED)
