@@ -64,13 +64,24 @@ def test_sigkill_at_random_moments_loses_and_doubles_nothing(tmp_path: Path, mon
     progress = []
     with replay_process(args) as port:
         for _ in range(KILLS):
+            before = committed(tmp_path)
             proc = start_ingester(tmp_path, port)
-            time.sleep(rng.uniform(0.5, 2.5))
+            # Kill only once this ingester has committed something of its own, at a random moment
+            # after: on a loaded machine its start alone can take longer than any fixed sleep.
+            started = time.monotonic() + 60
+            while committed(tmp_path) == before and time.monotonic() < started:
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 0.5))
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             progress.append(committed(tmp_path))
+        log = tmp_path / "ingest.log"
+        subscribed = log.read_text().count("feed subscribed")
         proc = start_ingester(tmp_path, port)
         deadline = time.monotonic() + 120
+        while log.read_text().count("feed subscribed") == subscribed:  # its signal handlers are set
+            assert time.monotonic() < deadline, "the last ingester never subscribed"
+            time.sleep(0.1)
         while committed(tmp_path) != sum(last_ids.values()):
             assert time.monotonic() < deadline, "the last ingester never caught up"
             assert proc.poll() is None, (tmp_path / "ingest.log").read_text()[-3000:]
