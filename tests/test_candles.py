@@ -10,8 +10,10 @@ import pytest
 
 from appliance.candles import (
     COINBASE_GRANULARITIES,
+    HORIZONS,
     HOUR,
     MINUTE,
+    TRADE_GRANULARITIES,
     Candle,
     Trade,
     aggregate,
@@ -24,6 +26,7 @@ from appliance.candles import (
     parse_time,
     to_time_us,
 )
+from appliance.coinbase.messages import ProductRow
 from tests.conftest import CAPTURE
 
 
@@ -121,6 +124,26 @@ def test_coinbase_granularities_are_the_six_its_candles_endpoint_takes() -> None
     """Coinbase Exchange REST /products/{id}/candles: 1 min, 5 min, 15 min, 1 h, 6 h, 1 day."""
     assert (MINUTE, HOUR) == (60, 60 * 60)
     assert COINBASE_GRANULARITIES == (60, 5 * 60, 15 * 60, 60 * 60, 6 * 60 * 60, 24 * 60 * 60)
+
+
+def test_horizons_are_the_next_hour_and_15_minutes_built_from_trades_and_from_rest() -> None:
+    assert HORIZONS == (60 * 60, 15 * 60)
+    assert TRADE_GRANULARITIES == (60, 15 * 60, 60 * 60)  # minute candles, and each horizon's
+    assert set(HORIZONS) <= set(COINBASE_GRANULARITIES)  # each horizon's history is Coinbase's candles
+
+
+@pytest.mark.parametrize(
+    ("product", "valid"),
+    [("BTC-USD", True), ("A-B", True), ("1INCH-USD", True), ("ABCDEFGHIJKL-ABCDEFGHIJKL", True),
+     ("ABCDEFGHIJKLM-USD", False), ("BTC-ABCDEFGHIJKLM", False), ("-USD", False), ("BTC-", False),
+     ("btc-usd", False), ("BTC_USD", False), ("BTC-USD-X", False), ("BTC USD", False)],
+)  # fmt: skip
+def test_product_ids_are_base_dash_quote_of_1_to_12_capitals_or_digits(product: str, valid: bool) -> None:
+    if valid:
+        assert ProductRow(id=product, status="online").id == product
+    else:
+        with pytest.raises(ValueError, match="should match pattern"):
+            ProductRow(id=product, status="online")
 
 
 def test_trades_are_immutable_hashable_values() -> None:

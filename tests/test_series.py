@@ -42,6 +42,9 @@ def test_ingest_that_began_on_a_boundary_covers_that_bucket() -> None:
     state = coverage((T0 + HOUR) * US, (T0 + 3 * HOUR) * US)
     got = splice(rows(*hours(0, 1), close=1.0), rows(*hours(1, 2), close=2.0), state, HOUR)
     assert [(r.start, r.close) for r in got] == [(hours(0)[0], 1.0), *((s, 2.0) for s in hours(1, 2))]
+    late = coverage((T0 + HOUR) * US + 1, (T0 + 3 * HOUR) * US)  # a microsecond after: hour 1 is partial
+    got = splice(rows(*hours(0, 1), close=1.0), rows(*hours(1, 2), close=2.0), late, HOUR)
+    assert [(r.start, r.close) for r in got] == [*((s, 1.0) for s in hours(0, 1)), (hours(2)[0], 2.0)]
 
 
 def test_unknown_coverage_trusts_trade_candles_only_after_the_history() -> None:
@@ -51,6 +54,11 @@ def test_unknown_coverage_trusts_trade_candles_only_after_the_history() -> None:
         *((s, 1.0) for s in hours(0, 1, 2)),
         *((s, 2.0) for s in hours(3, 4)),
     ]
+
+
+def test_unknown_coverage_and_no_history_trusts_no_trade_candle() -> None:
+    state = coverage(None, (T0 + 5 * HOUR) * US)
+    assert splice([], rows(*hours(1, 2, 3, 4)), state, HOUR) == []
 
 
 def test_with_no_whole_trade_candle_history_stops_at_the_open_bucket() -> None:

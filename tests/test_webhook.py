@@ -23,9 +23,10 @@ import httpx
 import pytest
 
 from tests.conftest import REPO, FakeClock, MetricDelta, wait_for
+from webhook import clock as clock_module
 from webhook.__main__ import init
 from webhook.app import create_admin_app, create_hook_app
-from webhook.clock import DeployWindow
+from webhook.clock import DeployWindow, SystemClock
 from webhook.deployer import Deployer
 from webhook.engine import ImageInfo, Unhealthy, split_reference
 from webhook.payload import REPLAYED
@@ -582,15 +583,92 @@ WINDOWS = [
     ((58, 2), NIGHT, "Europe/Berlin", "2026-12-01T02:30:00+00:00", "2026-12-01T02:30:00+00:00"),
     ((58, 2), NIGHT, "Europe/Berlin", "2026-07-01T00:30:00+00:00", "2026-07-01T00:30:00+00:00"),
     ((58, 2), NIGHT, "Europe/Berlin", "2026-07-01T03:30:00+00:00", "2026-07-02T00:02:00+00:00"),
-    # A window across midnight.
+    # The night clocks go forward in Berlin (02:00 CET is 03:00 CEST, 01:00 UTC): the window opens then.
+    ((58, 2), NIGHT, "Europe/Berlin", "2026-03-29T00:30:00+00:00", "2026-03-29T01:02:00+00:00"),
+    # Quiet minutes at their edges: the first is quiet, the end is not.
+    ((10, 20), None, "UTC", "2026-12-01T10:09:59+00:00", "2026-12-01T10:09:59+00:00"),
+    ((10, 20), None, "UTC", "2026-12-01T10:10:00+00:00", "2026-12-01T10:20:00+00:00"),
+    ((10, 20), None, "UTC", "2026-12-01T10:19:59+00:00", "2026-12-01T10:20:00+00:00"),
+    ((10, 20), None, "UTC", "2026-12-01T10:20:00+00:00", "2026-12-01T10:20:00+00:00"),
+    ((30, 30), None, "UTC", "2026-12-01T10:30:00+00:00", "2026-12-01T10:30:00+00:00"),  # an empty stretch
+    # Quiet minutes across the hour (55-05).
+    ((55, 5), None, "UTC", "2026-12-01T10:54:59+00:00", "2026-12-01T10:54:59+00:00"),
+    ((55, 5), None, "UTC", "2026-12-01T10:55:00+00:00", "2026-12-01T11:05:00+00:00"),
+    ((55, 5), None, "UTC", "2026-12-01T11:04:59+00:00", "2026-12-01T11:05:00+00:00"),
+    ((55, 5), None, "UTC", "2026-12-01T11:05:00+00:00", "2026-12-01T11:05:00+00:00"),
+    ((55, 5), None, "UTC", "2026-12-31T23:57:00+00:00", "2027-01-01T00:05:00+00:00"),
+    # Maintenance hours at their edges: the start is inside, the end is not.
+    (None, NIGHT, "UTC", "2026-12-01T01:59:59+00:00", "2026-12-01T02:00:00+00:00"),
+    (None, NIGHT, "UTC", "2026-12-01T02:00:00+00:00", "2026-12-01T02:00:00+00:00"),
+    (None, NIGHT, "UTC", "2026-12-01T04:59:59+00:00", "2026-12-01T04:59:59+00:00"),
+    (None, NIGHT, "UTC", "2026-12-01T05:00:00+00:00", "2026-12-02T02:00:00+00:00"),
+    # A window across midnight, and its edges.
     (None, (daytime(22), daytime(2)), "UTC", "2026-12-01T12:00:00+00:00", "2026-12-01T22:00:00+00:00"),
     (None, (daytime(22), daytime(2)), "UTC", "2026-12-01T01:00:00+00:00", "2026-12-01T01:00:00+00:00"),
+    (None, (daytime(22), daytime(2)), "UTC", "2026-12-01T22:00:00+00:00", "2026-12-01T22:00:00+00:00"),
+    (None, (daytime(22), daytime(2)), "UTC", "2026-12-01T01:59:59+00:00", "2026-12-01T01:59:59+00:00"),
+    (None, (daytime(22), daytime(2)), "UTC", "2026-12-01T02:00:00+00:00", "2026-12-01T22:00:00+00:00"),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize(("quiet", "maintenance", "zone", "now", "opens"), WINDOWS)
 def test_deploy_windows(quiet: Any, maintenance: Any, zone: str, now: str, opens: str) -> None:
     assert DeployWindow(quiet, maintenance, zone).opens_at(at(now)) == at(opens)
+
+
+def test_the_default_window_is_quiet_from_58_to_02_at_any_hour() -> None:
+    window = DeployWindow()
+    assert window.opens_at(at("2026-12-01T10:57:59+00:00")) == at("2026-12-01T10:57:59+00:00")
+    assert window.opens_at(at("2026-12-01T10:58:00+00:00")) == at("2026-12-01T11:02:00+00:00")
+    assert window.opens_at(at("2026-12-01T03:02:00+00:00")) == at("2026-12-01T03:02:00+00:00")
+
+
+def test_the_timesyncd_flag_is_where_systemd_puts_it() -> None:
+    """systemd-timesyncd.service(8): it touches /run/systemd/timesync/synchronized on each sync."""
+    assert Path("/run/systemd/timesync/synchronized") == clock_module.TIMESYNC_FLAG
+
+
+class FakeLibc:
+    """adjtimex(2) as the test wants it: a clock state (TIME_OK 0 … TIME_ERROR 5, -1 on failure)."""
+
+    def __init__(self, state: int) -> None:
+        self.state = state
+        self.buffers: list[int] = []
+
+    def adjtimex(self, buf: Any) -> int:
+        self.buffers.append(len(buf))
+        return self.state
+
+
+@pytest.mark.parametrize(
+    ("state", "synced"),
+    # adjtimex(2): TIME_OK 0, TIME_INS 1, TIME_DEL 2, TIME_OOP 3, TIME_WAIT 4 mean synchronised;
+    # TIME_ERROR 5 means not, and -1 that the call failed (EPERM inside the unit's sandbox).
+    [(0, True), (1, True), (2, True), (4, True), (5, False), (-1, False)],
+)
+def test_without_timesyncd_the_kernel_says_whether_the_clock_is_synced(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, state: int, synced: bool
+) -> None:
+    monkeypatch.setattr(clock_module, "TIMESYNC_FLAG", tmp_path / "synchronized")
+    libc = FakeLibc(state)
+    monkeypatch.setattr("ctypes.CDLL", lambda *_, **__: libc)
+    assert SystemClock().synchronized() is synced
+    (size,) = libc.buffers
+    assert size >= 208  # room for struct timex (208 bytes on 64-bit Linux)
+    (tmp_path / "synchronized").touch()  # timesyncd has synced: its flag is enough
+    assert SystemClock().synchronized() is True
+
+
+@pytest.mark.parametrize("error", [OSError("libc not found"), AttributeError("no adjtimex")])
+def test_a_clock_that_cannot_be_asked_counts_as_unsynced(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, error: Exception
+) -> None:
+    def refuse(*_: Any, **__: Any) -> Any:
+        raise error
+
+    monkeypatch.setattr(clock_module, "TIMESYNC_FLAG", tmp_path / "synchronized")
+    monkeypatch.setattr("ctypes.CDLL", refuse)
+    assert SystemClock().synchronized() is False
 
 
 def test_window_settings_are_checked(
@@ -601,7 +679,8 @@ def test_window_settings_are_checked(
     good = load_settings(quiet_minutes="55-05", maintenance_window="02:00-05:00", timezone="Europe/Berlin")
     assert (good.quiet, good.maintenance) == ((55, 5), (daytime(2), daytime(5)))
     assert load_settings(quiet_minutes="").quiet is None
-    for bad in ({"quiet_minutes": "58"}, {"maintenance_window": "2-5"}, {"timezone": "Mars/Olympus"},
+    for bad in ({"quiet_minutes": "58"}, {"maintenance_window": "2-5"}, {"maintenance_window": "02:00-02:00"},
+                {"timezone": "Mars/Olympus"},
                 {"admin_port": 8081}, {"notify_urls": "tgram://secret-bot-token"}):  # fmt: skip
         with pytest.raises(SystemExit) as exit_:
             load_settings(**bad)

@@ -40,7 +40,7 @@ class SystemClock:
             return True
         buf = ctypes.create_string_buffer(512)  # struct timex, modes 0: read only
         try:
-            state = ctypes.CDLL(None, use_errno=True).adjtimex(buf)
+            state = ctypes.CDLL(None).adjtimex(buf)
         except (OSError, AttributeError):
             return False
         return state not in (-1, TIME_ERROR)

@@ -102,6 +102,13 @@ class WebhookSettings(BaseSettings):
             raise ValueError(f"{value!r} is not an IANA time zone such as Europe/Berlin") from None
         return value
 
+    @field_validator("maintenance_window")
+    @classmethod
+    def _check_maintenance_window(cls, value: str | None) -> str | None:
+        if value is not None and value[:5] == value[6:]:
+            raise ValueError("an empty window: no recreate would ever happen (unset it for any time)")
+        return value
+
     @field_validator("notify_urls")
     @classmethod
     def _check_notify_urls(cls, value: SecretStr | None) -> SecretStr | None:
