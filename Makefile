@@ -41,14 +41,16 @@ run: $(UV)  ## run the appliance against the live Coinbase feed: API on :8000 (C
 	$(APP) python -m appliance up
 
 # Settings and ports are checked before anything starts (a bad setting exits 2, a port in use 1, and a
-# running demo is left alone); Ctrl-C stops the appliance and then the replay, quietly.
+# running demo is left alone); Ctrl-C stops the appliance and then the replay, quietly: the demo's status
+# is the appliance's (130, a Ctrl-C that reached it first, counts as the normal end), never the replay's.
 demo: $(UV)  ## offline: replay bundled real Coinbase candles into the appliance (API on :8000)
 	@$(DEMO_ENV) $(APP) python -m appliance check-config --free-port $(DEMO_PORT)
 	@echo "replaying bundled BTC-USD/ETH-USD candles on 127.0.0.1:$(DEMO_PORT); Ctrl-C stops both"
 	@$(APP) python -m appliance replay --port $(DEMO_PORT) --speed 600 \
 		--candles BTC-USD=$(DATASETS)/coinbase_BTC-USD_1h.csv --candles ETH-USD=$(DATASETS)/coinbase_ETH-USD_1h.csv \
 		--from 2026-03-01 --start-at 2026-04-20 & replay=$$!; \
-	trap 'kill $$replay 2>/dev/null; wait $$replay' EXIT; trap 'exit 0' INT TERM; \
+	trap 'st=$$?; kill $$replay 2>/dev/null; wait $$replay 2>/dev/null; [ $$st -eq 130 ] && st=0; exit $$st' EXIT; \
+	trap 'exit 0' INT TERM; \
 	until (exec 3<>/dev/tcp/127.0.0.1/$(DEMO_PORT)) 2>/dev/null; do \
 		kill -0 $$replay 2>/dev/null || exit 1; sleep 0.2; \
 	done; \
