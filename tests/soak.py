@@ -6,8 +6,8 @@ BTC-USD and ETH-USD hours of September 2025, ~90 trades an hour each) at 2,160x,
 Mosquitto, and three stream clients (one reconnecting every minute). Minute candles are kept 7 days.
 While it runs, RSS, open files, threads and the database's size are sampled; at the end it checks:
 
-* every hour predicted for every product and model (from the first prediction on, which comes within
-  the first 6 market hours), and every realized close recorded (the real one);
+* every candle of both horizons predicted for every product and model (from the first prediction
+  on, which comes within the first 6 market hours), and every realized close recorded (the real one);
 * RSS after warm-up (the first tenth) flat: growth at most 10 %;
 * the database bounded by retention: minute candles pruned to 7 days, the file growing far less in
   the second half than in the first;
@@ -39,15 +39,14 @@ from pathlib import Path
 import httpx
 import websockets
 
-from appliance.candle_csv import read_candle_csv
-from appliance.candles import HOUR, MINUTE, TRADE_GRANULARITIES, Trade, parse_time
+from appliance.candles import HORIZONS, HOUR, MINUTE, TRADE_GRANULARITIES, US, Trade, parse_time
+from appliance.mqtt import horizon
 from appliance.replay.tape import load_tape
 from appliance.store import Store
 from tests.conftest import BTC_1H, ETH_1H, REPO, Broker, MqttWatcher, free_port, oracle, replay_process
 
 PRODUCTS = ("BTC-USD", "ETH-USD")
-CSVS = {"BTC-USD": BTC_1H, "ETH-USD": ETH_1H}
-MODELS = ("cnn", "lasso")
+MODELS = ("cnn", "lasso", "persistence")
 START, END = "2025-09-01", "2025-10-01"  # the month replayed; three days before it are history
 RETENTION_DAYS = 7
 TAPE = [f"--candles=BTC-USD={BTC_1H}", f"--candles=ETH-USD={ETH_1H}", "--from=2025-08-29", f"--to={END}",
@@ -104,31 +103,37 @@ class StreamClient(threading.Thread):
 Check = tuple[bool, str]  # (held, what was seen)
 
 
-def predictions_check(store: Store) -> tuple[Check, Check]:
-    """Every hour predicted by every model from the first prediction on, the first within
-    ``FIRST_WITHIN_H``, and each realized close the real one.
+def predictions_check(store: Store, tape: list[Trade]) -> tuple[Check, Check]:
+    """Every candle of each horizon predicted by every model from the first prediction on, the first
+    within ``FIRST_WITHIN_H``, and each realized close the real one (the tape's last trade in it).
 
     The first hours are the start's: the hour ingest began in is built from trades only in part, so
     its prediction waits for that hour's candle over REST, which at 2,160x takes a few market hours
     on a loaded machine (at a live rate, a second of the hour's 3,600). The predictor does not go
-    back for hours that closed before it could predict them.
+    back for candles that closed before it could predict them.
     """
-    real = {p: {c.start: c.row().close for c in read_candle_csv(csv)} for p, csv in CSVS.items()}
     start, end = parse_time(START), parse_time(END)
     holes, late, firsts, unrealized, wrong = [], [], [], 0, 0
-    for p in PRODUCTS:
-        for m in MODELS:
-            rows = store.predictions(p, model=m)
-            made = {r.as_of for r in rows}
-            first = min(made, default=end)  # none at all: late, and no hours to count
-            firsts.append((first - start) // HOUR)
-            late += [f"{p}/{m}"] if first > start + FIRST_WITHIN_H * HOUR else []
-            holes += [f"{p}/{m}@{h}" for h in range(first, end, HOUR) if h not in made]
-            due = [r for r in rows if r.target_time < end]
-            unrealized += sum(r.realized_close is None for r in due)
-            wrong += sum(r.realized_close not in (None, real[p][r.target_time - HOUR]) for r in due)
-    seen = (f"{len(PRODUCTS)} products x {len(MODELS)} models: the first after {sorted(set(firsts))} market "
-            f"hours (at most {FIRST_WITHIN_H}), then {len(holes)} hours missing {holes[:3]}")  # fmt: skip
+    for g in HORIZONS:
+        real: dict[str, dict[int, float]] = {
+            p: {} for p in PRODUCTS
+        }  # the close of every candle: its last trade (the tape is in order)
+        for t in tape:
+            real[t.product][t.time_us // US // g * g] = t.price
+        for p in PRODUCTS:
+            for m in MODELS:
+                rows = store.predictions(p, model=m, granularity=g)
+                made = {r.as_of for r in rows}
+                first = min(made, default=end)  # none at all: late, and no candles to count
+                firsts.append((first - start) // HOUR)
+                late += [f"{p}/{g}/{m}"] if first > start + FIRST_WITHIN_H * HOUR else []
+                holes += [f"{p}/{g}/{m}@{t}" for t in range(first, end, g) if t not in made]
+                due = [r for r in rows if r.target_time < end]
+                unrealized += sum(r.realized_close is None for r in due)
+                wrong += sum(r.realized_close not in (None, real[p][r.target_time - g]) for r in due)
+    seen = (f"{len(PRODUCTS)} products x {len(HORIZONS)} horizons x {len(MODELS)} models: the first after "
+            f"{sorted(set(firsts))} market hours (at most {FIRST_WITHIN_H}), then {len(holes)} candles "
+            f"missing {holes[:3]}")  # fmt: skip
     realized = f"{unrealized} unrealized, {wrong} not the real close"
     return (not holes and not late, seen), (unrealized == wrong == 0, realized)
 
@@ -189,12 +194,13 @@ def checks(db: Path, tape: list[Trade], samples: list[dict[str, float]], mqtt: M
     with Store(db, readonly=True) as store:
         integrity = store.integrity_check()
         out["integrity_check"] = (integrity == "ok", integrity)
-        out["every hour predicted"], out["realized closes recorded"] = predictions_check(store)
+        out["every candle predicted"], out["realized closes recorded"] = predictions_check(store, tape)
         out["candles exact"] = candles_check(store, tape)
-        last = {p: max(r.as_of for r in store.predictions(p)) for p in PRODUCTS}
+        last = {(p, g): max(r.as_of for r in store.predictions(p, granularity=g))
+                for p in PRODUCTS for g in HORIZONS}  # fmt: skip
     out |= process_checks(samples)
-    topic = "cryptopi/cryptopi/{}/cnn"
-    published = {p: json.loads(mqtt.last.get(topic.format(p.lower()), b"{}")).get("as_of") for p in PRODUCTS}
+    topics = {(p, g): f"cryptopi/cryptopi/{p.lower()}/{horizon(g)[0]}/cnn" for p, g in last}
+    published = {k: json.loads(mqtt.last.get(t, b"{}")).get("as_of") for k, t in topics.items()}
     out["MQTT carries the last predictions"] = (published == last, f"published {published}, stored {last}")
     served = [c.counts for c in clients]
     out["stream clients served"] = (
