@@ -34,6 +34,7 @@ from typing import Any, Literal
 import paho.mqtt.client as mqtt
 
 from appliance import __version__
+from appliance.candles import quote_currency
 from appliance.health import Conditions
 from appliance.helpers.mqtt import HA_STATUS, came_online, ha_device, ha_entity_id, mqtt_client
 from appliance.metrics import MQTT_CONNECTED, MQTT_PUBLISHED
@@ -61,11 +62,6 @@ def horizon(granularity: int) -> tuple[str, str]:
         hours = granularity // 3600
         return f"{hours}h", "next hour" if hours == 1 else f"next {hours} hours"
     return f"{granularity // 60}m", f"next {granularity // 60} min"
-
-
-def quote_currency(product: str) -> str:
-    """The currency a product is priced in: Coinbase ids are BASE-QUOTE (BTC-EUR -> EUR)."""
-    return product.rsplit("-", 1)[-1]
 
 
 def prediction_payload(row: PredictionRow, accuracy: dict[str, float | None] | None = None) -> dict[str, Any]:

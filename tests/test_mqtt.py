@@ -7,7 +7,8 @@ from typing import Literal
 import pytest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from appliance.mqtt import Discovery, MqttPublisher, horizon, quote_currency
+from appliance.candles import quote_currency
+from appliance.mqtt import Discovery, MqttPublisher, horizon
 from appliance.predictions import PredictionRow
 from appliance.settings import Settings
 from tests.conftest import Broker, MqttWatcher
