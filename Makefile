@@ -24,10 +24,10 @@ apt-need = missing=$$(for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || echo $$p;
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $$missing; \
 	fi
 
-.PHONY: help setup run demo test test-deps lint fmt bench mutation models leave-one-out clean install smoke-arm64
+.PHONY: help setup run demo test test-deps lint fmt bench mutation models leave-one-out clean install smoke-arm64 release-local
 
 help:  ## list the targets
-	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 $(UV):
 	@command -v python3 >/dev/null || { echo "python3 is needed: apt-get install python3"; exit 1; }
@@ -64,8 +64,10 @@ fmt: setup  ## apply ruff's fixes and formatting
 	$(DEV) ruff format .
 
 # Services the tests run for real (started by the tests themselves, on loopback); python3-venv makes the
-# real Home Assistant's own virtualenv (tests/homeassistant.py builds it on first use).
-TEST_PACKAGES := mosquitto chromium docker.io docker-registry debootstrap shellcheck systemd python3-venv
+# real Home Assistant's own virtualenv (tests/homeassistant.py builds it on first use); qemu-user-static
+# runs the arm64 image's build and containers (tests/test_arm64.py).
+TEST_PACKAGES := mosquitto chromium docker.io docker-registry debootstrap qemu-user-static shellcheck systemd \
+	python3-venv
 
 test-deps:  ## install the system packages the tests need (Debian)
 	@$(call apt-need,$(TEST_PACKAGES))
@@ -83,6 +85,10 @@ mutation: setup  ## mutation score of the pure-logic modules' fast tests; surviv
 smoke-arm64: setup  ## build the image for arm64 under QEMU; it must predict as the amd64 one does (root)
 	@$(call apt-need,qemu-user-static debootstrap docker.io)
 	$(DEV) python -m tests.smoke_arm64
+
+release-local: setup  ## CD's release program end to end here: replay as Coinbase, a local registry (root)
+	@$(call apt-need,debootstrap docker.io docker-registry)
+	$(DEV) python -m tests.release_local
 
 install:  ## on the Pi, from /opt/cryptopi: host venv, /etc/cryptopi, systemd units (INSTALL_ARGS=--with-cloudflared)
 	$(SUDO) systemd/install.sh $(INSTALL_ARGS)

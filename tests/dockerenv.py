@@ -5,9 +5,10 @@ iptables rules (every container uses host networking and binds 127.0.0.1), a ``d
 loopback port, a Python 3.11 base image made with ``debootstrap`` (Docker Hub is out of reach), images built
 with the classic builder (there is no buildx here), and QEMU's binfmt handler for arm64 images.
 
-Plain context managers and functions, so that the image tests, the deploy webhook's end-to-end test and
-``python -m tests.smoke_arm64`` share them. The ``docker`` CLI does the work (a 28.x client drives the 20.10
-engine fine); the Engine API is read over its unix socket with httpx.
+Plain context managers and functions, so that the image tests, the deploy webhook's end-to-end test, the
+release's, ``python -m tests.smoke_arm64`` and ``python -m tests.release_local`` share them. The ``docker``
+CLI does the work (a 28.x client drives the 20.10 engine fine); the Engine API is read over its unix
+socket with httpx.
 """
 
 from __future__ import annotations
@@ -385,6 +386,16 @@ def container(
         yield cid
     finally:
         docker(docker_host, "rm", "--force", "--volumes", cid, check=False)
+
+
+def appliance_env(http_port: int, replay_port: int) -> dict[str, str]:
+    """A container's appliance settings: its API on 127.0.0.1:``http_port``, Coinbase the replay server."""
+    return {
+        "CRYPTOPI_HTTP_HOST": "127.0.0.1",
+        "CRYPTOPI_HTTP_PORT": str(http_port),
+        "CRYPTOPI_COINBASE_WS_URL": f"ws://127.0.0.1:{replay_port}",
+        "CRYPTOPI_COINBASE_REST_URL": f"http://127.0.0.1:{replay_port}",
+    }
 
 
 def container_logs(docker_host: str, cid: str, tail: int = 80) -> str:

@@ -41,11 +41,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 #: Each mutated module and the fast, in-process tests that must catch its mutants: one line a module.
 TARGETS: dict[str, tuple[str, ...]] = {
-    "appliance/candles.py": ("tests/test_candles.py",),
+    "appliance/candles.py": ("tests/test_candles.py", "tests/test_series.py"),
     "appliance/features.py": ("tests/test_features.py",),
     "appliance/coinbase/messages.py": ("tests/test_messages.py",),
     "appliance/registry.py": ("tests/test_registry.py",),
+    "appliance/products.py": ("tests/test_products.py",),
     "webhook/payload.py": ("tests/test_payload.py", "tests/test_webhook.py"),
+    "webhook/clock.py": ("tests/test_webhook.py",),
 }
 #: Share of the non-message mutants each module's tests must kill.
 TARGET_SCORE = 0.90

@@ -24,6 +24,7 @@ import httpx
 from tests.conftest import LIVE_MARKET_ARGS, free_port, replay_process
 from tests.dockerenv import (
     DockerError,
+    appliance_env,
     base_image,
     build_image,
     container,
@@ -40,6 +41,8 @@ from tests.dockerenv import (
 ARCHES = ("amd64", "arm64")
 PRODUCTS = ("BTC-USD", "ETH-USD")
 MODELS = ("cnn", "lasso", "persistence")
+#: How far apart (relative) the two architectures' predicted closes may be.
+TOLERANCE = 1e-6
 
 
 class Phases:
@@ -106,9 +109,76 @@ def compare(urls: dict[str, str], timeout: float, tolerance: float, failures: li
     return worst
 
 
+def build_for(host: str, arch: str, work: Path, phase: Phases, failures: list[str]) -> str:
+    """The repository's image for ``arch`` (``cryptopi:smoke-ARCH``) on its debootstrap base; it must run as
+    that machine inside."""
+    with phase(f"base image {arch}"):
+        base = base_image(host, arch)
+    image = f"cryptopi:smoke-{arch}"
+    with phase(f"build {arch}"):
+        # No --platform: the classic builder of Docker 20.10 records RUN steps' layers as the engine's
+        # platform and then refuses them ("does not match the specified platform"). The arm64 base
+        # alone makes the image arm64 (its RUN steps execute under QEMU).
+        build_image(host, image, {"BASE": base, "BUILD": f"smoke-{arch}"}, log=work / f"build-{arch}.log")
+    check_machine(host, image, arch, base, work, failures)
+    return image
+
+
+def run_options(arch: str, work: Path) -> list[str]:
+    """The arm64 containers run under QEMU: as a Pi 4's Cortex-A72 (see pi4_emulation)."""
+    return pi4_emulation(work) if arch == "arm64" else []
+
+
+def check_machine(host: str, image: str, arch: str, base: str, work: Path, failures: list[str]) -> None:
+    config = inspect(host, "image", image)
+    probe = "import platform, onnxruntime; print(platform.machine(), onnxruntime.__version__)"
+    machine = docker(host, "run", "--rm", *run_options(arch, work), "--entrypoint", "python", image,
+                     "-c", probe).stdout.strip()  # fmt: skip
+    runtime_mb = (image_size(host, image) - image_size(host, base)) / 1e6
+    platform = f"{config['Os']}/{config['Architecture']}"
+    print(f"   {image}: {platform}, runtime layers {runtime_mb:.1f} MB,"
+          f" inside: {machine} (machine, onnxruntime)")  # fmt: skip
+    # The classic builder labels every image with the engine's platform (buildx labels it right).
+    if machine.split()[0] != {"amd64": "x86_64", "arm64": "aarch64"}[arch]:
+        failures.append(f"{image} runs as {machine}, not {arch}")
+
+
+def serve_both(
+    host: str, images: dict[str, str], work: Path, phase: Phases, timeout: float, tolerance: float,
+    failures: list[str],
+) -> float:  # fmt: skip
+    """Both images against one replay server: healthy, then the same predictions (the largest relative
+    difference is returned; what differs, or fails, is added to ``failures``)."""
+    worst = 0.0
+    with replay_process(LIVE_MARKET_ARGS) as replay_port, contextlib.ExitStack() as stack:
+        urls, cids, started = {}, {}, {}
+        for arch in ARCHES:
+            port = free_port()
+            urls[arch] = f"http://127.0.0.1:{port}"
+            run = container(host, images[arch], env=appliance_env(port, replay_port),
+                            options=run_options(arch, work))  # fmt: skip
+            cids[arch] = stack.enter_context(run)
+            started[arch] = time.monotonic()
+        try:
+            with phase("both healthy"):
+                for arch in ARCHES:
+                    wait_healthy(host, cids[arch], timeout=timeout)
+                    print(f"   {arch} healthy {time.monotonic() - started[arch]:.1f}s after its start")
+            with phase("same predictions"):
+                worst = compare(urls, timeout, tolerance, failures)
+        except (AssertionError, DockerError, httpx.HTTPError) as exc:
+            failures.append(f"{type(exc).__name__}: {exc}")
+            for arch in ARCHES:
+                print(f"--- {arch} container log:\n{container_logs(host, cids[arch])}", file=sys.stderr)
+    print(f"predicted_close amd64 vs arm64, largest relative difference: {worst:.2e}")
+    return worst
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.smoke_arm64", description=__doc__.split("\n")[0])
-    parser.add_argument("--tolerance", type=float, default=1e-6, help="relative predicted_close difference")
+    parser.add_argument(
+        "--tolerance", type=float, default=TOLERANCE, help="relative predicted_close difference"
+    )
     parser.add_argument("--timeout", type=float, default=600, help="seconds for the arm64 container to serve")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -116,66 +186,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     phase = Phases()
-    worst = 0.0
     failures: list[str] = []
     with (
         qemu_binfmt("aarch64"),
         tempfile.TemporaryDirectory(prefix="cryptopi-arm64-") as work,
         docker_engine(Path(work) / "engine") as host,
     ):
-        # The arm64 containers run under QEMU: as a Pi 4's Cortex-A72 (see pi4_emulation).
-        run_options = {"amd64": [], "arm64": pi4_emulation(Path(work))}
-        bases, images = {}, {}
-        for arch in ARCHES:
-            with phase(f"base image {arch}"):
-                bases[arch] = base_image(host, arch)
-        for arch in ARCHES:
-            images[arch] = f"cryptopi:smoke-{arch}"
-            with phase(f"build {arch}"):
-                # No --platform: the classic builder of Docker 20.10 records RUN steps' layers as the engine's
-                # platform and then refuses them ("does not match the specified platform"). The arm64 base
-                # alone makes the image arm64 (its RUN steps execute under QEMU).
-                build_image(host, images[arch], {"BASE": bases[arch], "BUILD": f"smoke-{arch}"},
-                            log=Path(work) / f"build-{arch}.log")  # fmt: skip
-            config = inspect(host, "image", images[arch])
-            probe = "import platform, onnxruntime; print(platform.machine(), onnxruntime.__version__)"
-            machine = docker(host, "run", "--rm", *run_options[arch], "--entrypoint", "python", images[arch],
-                             "-c", probe).stdout.strip()  # fmt: skip
-            runtime_mb = (image_size(host, images[arch]) - image_size(host, bases[arch])) / 1e6
-            platform = f"{config['Os']}/{config['Architecture']}"
-            print(f"   {images[arch]}: {platform}, runtime layers {runtime_mb:.1f} MB,"
-                  f" inside: {machine} (machine, onnxruntime)")  # fmt: skip
-            # The classic builder labels every image with the engine's platform (buildx labels it right).
-            if machine.split()[0] != {"amd64": "x86_64", "arm64": "aarch64"}[arch]:
-                failures.append(f"{images[arch]} runs as {machine}, not {arch}")
-
-        with replay_process(LIVE_MARKET_ARGS) as replay_port, contextlib.ExitStack() as stack:
-            urls, cids, started = {}, {}, {}
-            for arch in ARCHES:
-                port = free_port()
-                urls[arch] = f"http://127.0.0.1:{port}"
-                env = {
-                    "CRYPTOPI_HTTP_HOST": "127.0.0.1",
-                    "CRYPTOPI_HTTP_PORT": str(port),
-                    "CRYPTOPI_COINBASE_WS_URL": f"ws://127.0.0.1:{replay_port}",
-                    "CRYPTOPI_COINBASE_REST_URL": f"http://127.0.0.1:{replay_port}",
-                }
-                run = container(host, images[arch], env=env, options=run_options[arch])
-                cids[arch] = stack.enter_context(run)
-                started[arch] = time.monotonic()
-            try:
-                with phase("both healthy"):
-                    for arch in ARCHES:
-                        wait_healthy(host, cids[arch], timeout=args.timeout)
-                        print(f"   {arch} healthy {time.monotonic() - started[arch]:.1f}s after its start")
-                with phase("same predictions"):
-                    worst = compare(urls, args.timeout, args.tolerance, failures)
-            except (AssertionError, DockerError, httpx.HTTPError) as exc:
-                failures.append(f"{type(exc).__name__}: {exc}")
-                for arch in ARCHES:
-                    print(f"--- {arch} container log:\n{container_logs(host, cids[arch])}", file=sys.stderr)
+        images = {arch: build_for(host, arch, Path(work), phase, failures) for arch in ARCHES}
+        serve_both(host, images, Path(work), phase, args.timeout, args.tolerance, failures)
     phase.report()
-    print(f"predicted_close amd64 vs arm64, largest relative difference: {worst:.2e}")
     if failures:
         print("FAILED:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1

@@ -17,7 +17,16 @@ from pathlib import Path
 import httpx
 
 from tests.conftest import LIVE_MARKET_ARGS, REPO, free_port, replay_process
-from tests.dockerenv import AppImage, container, container_logs, docker, image_size, inspect, wait_healthy
+from tests.dockerenv import (
+    AppImage,
+    appliance_env,
+    container,
+    container_logs,
+    docker,
+    image_size,
+    inspect,
+    wait_healthy,
+)
 
 #: The image's own layers, on top of its base (decimal MB, as ``docker images`` counts).
 MAX_RUNTIME_MB = 150
@@ -110,14 +119,8 @@ def test_container_serves_predictions(docker_host: str, app_image: AppImage) -> 
     http_port = free_port()
     url = f"http://127.0.0.1:{http_port}"
     with replay_process(LIVE_MARKET_ARGS) as replay_port:
-        env = {
-            "CRYPTOPI_HTTP_HOST": "127.0.0.1",
-            "CRYPTOPI_HTTP_PORT": str(http_port),
-            "CRYPTOPI_COINBASE_WS_URL": f"ws://127.0.0.1:{replay_port}",
-            "CRYPTOPI_COINBASE_REST_URL": f"http://127.0.0.1:{replay_port}",
-        }
         start = time.monotonic()
-        with container(docker_host, app_image.tag, env=env) as cid:
+        with container(docker_host, app_image.tag, env=appliance_env(http_port, replay_port)) as cid:
             healthy_s = wait_healthy(docker_host, cid, timeout=90)
             deadline = time.monotonic() + 90
             while True:

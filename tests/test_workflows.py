@@ -3,11 +3,15 @@ that delivery relies on. The workflows cannot run here, so they are checked stat
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
+import shlex
 import shutil
+import string
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,11 +19,28 @@ from typing import Any
 import pytest
 import yaml  # type: ignore[import-untyped]  # PyYAML ships no type information
 
+from training import GATE_MARGIN, GATE_P
+from training.__main__ import build_parser as training_parser
+from training.image import Identity
+from training.release import _check_image_args, load_config
+
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOWS = REPO / ".github" / "workflows"
 CI = WORKFLOWS / "ci.yml"
 CD = WORKFLOWS / "cd.yml"
 SECRET = re.compile(r"\$\{\{\s*secrets\.[A-Z0-9_]+\s*\}\}")
+#: A step that runs the release program: one `uv run` of `python -m training release STAGE ...`.
+RELEASE = re.compile(r"uv run --locked (--extra \w+ )*python -m training release \w+( \S+)*")
+#: The actions CD may use: set-up, secrets, artifacts; the building, tagging and pushing is the program's.
+CD_ACTIONS = {"actions/checkout", "actions/setup-python", "astral-sh/setup-uv", "actions/upload-artifact",
+              "actions/download-artifact", "docker/setup-qemu-action", "docker/setup-buildx-action",
+              "docker/login-action", "crazy-max/ghaction-github-runtime"}  # fmt: skip
+#: Sample values of what the runner sets in every step's environment ...
+RUNNER_ENV = {"RUNNER_TEMP": "/home/runner/work/_temp", "GITHUB_STEP_SUMMARY": "/home/runner/summary.md",
+              "GITHUB_RUN_NUMBER": "42", "GITHUB_SHA": "0123456789abcdef0123456789abcdef01234567",
+              "GITHUB_SERVER_URL": "https://github.com", "GITHUB_REPOSITORY": "owner/cryptopi"}  # fmt: skip
+#: ... and of what CD's steps set themselves (the dispatch inputs are empty on a push or a schedule).
+STEP_ENV_SAMPLES = {"HISTORY_START": "", "HOLDOUT_DAYS": "", "IMAGE": "cryptopi/appliance", "LATEST": "true"}
 
 
 def actionlint(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
@@ -119,45 +140,90 @@ def test_cd_triggers_on_main_weekly_and_by_hand() -> None:
     assert "workflow_dispatch" in on
 
 
+def release_calls(workflow: dict[Any, Any]) -> dict[str, tuple[dict[str, Any], argparse.Namespace]]:
+    """Each job's call of the release program, parsed by the program's own parser: job -> (step, args).
+
+    The script is expanded with sample values of the runner's variables and of the step's own ``env``
+    (a variable it uses but neither sets is a KeyError), then split as bash would.
+    """
+    calls = {}
+    for job, step in steps(workflow):
+        if "python -m training release" not in step.get("run", ""):
+            continue
+        assert job not in calls, f"{job} calls the release program twice"
+        values = RUNNER_ENV | {name: STEP_ENV_SAMPLES[name] for name in step.get("env", {})}
+        argv = shlex.split(string.Template(step["run"]).substitute(values))
+        program = next(i for i in range(len(argv)) if argv[i : i + 3] == ["python", "-m", "training"])
+        calls[job] = (step, training_parser().parse_args(argv[program + 3 :]))
+    return calls
+
+
+def test_cd_runs_the_release_program_and_no_logic_of_its_own() -> None:
+    """The workflow only sets up, passes secrets, calls the program and uploads: every script is one
+    command (no loops, conditions, pipes or docker), and the release is one call per job."""
+    cd = load(CD)
+    for job, step in steps(cd):
+        if "run" not in step:
+            assert step["uses"].split("@")[0] in CD_ACTIONS, (job, step["uses"])
+            continue
+        script = step["run"].strip()
+        assert "\n" not in script, (job, step.get("name"), "one command per step")
+        assert not re.search(r"[;&|`]|\$\(|\b(for|while|if|then|docker|backfill)\b", script), (job, script)
+        assert script in ("make setup", "rm -rf appliance/models") or RELEASE.fullmatch(script), (job, script)
+    calls = release_calls(cd)
+    assert {job: args.stage for job, (_, args) in calls.items()} == {"models": "models", "image": "image"}
+
+
 def test_cd_publishes_only_what_was_tested_and_passed_the_gate() -> None:
     cd = load(CD)
     jobs = cd["jobs"]
     assert jobs["test"]["uses"] == "./.github/workflows/ci.yml"
-    assert {"test", "train"} <= set(jobs["image"]["needs"])
-    train = [s["run"] for s in jobs["train"]["steps"] if "python -m training train" in s.get("run", "")]
-    assert len(train) == 1
-    assert "--out appliance/models" in train[0]
-    assert "--tiny" not in train[0]
+    assert {"test", "models"} <= set(jobs["image"]["needs"])
+    calls = release_calls(cd)
+    _, models = calls["models"]
+    cfg = load_config(REPO / models.config)  # the release's own check of what CD trains
+    assert (cfg.cnn, cfg.gate_margin, cfg.gate_p) == ("reference", GATE_MARGIN, GATE_P)
+    assert set(cfg.granularities) == {3600, 900}
+    assert models.history_start is None  # the dispatch inputs, empty unless given
+    assert models.holdout_days is None
+    assert models.context == Path(), "trained into the checkout's appliance/models: what gets uploaded"
     for _, step in steps(cd):
         assert "--force" not in step.get("run", ""), "the promotion gate must never be overridden"
-    for step in jobs["train"]["steps"]:
+    for step in jobs["models"]["steps"]:
         assert not step.get("continue-on-error"), step
         assert "|| true" not in step.get("run", ""), step
-    uploaded = [s["with"] for s in jobs["train"]["steps"] if "actions/upload-artifact@" in s.get("uses", "")]
+    uploaded = [s["with"] for s in jobs["models"]["steps"] if "actions/upload-artifact@" in s.get("uses", "")]
     assert {"name": "registry", "path": "appliance/models", "if-no-files-found": "error"} in uploaded
-    assert any(u["name"] == "model-cards" for u in uploaded)
+    (cards,) = [u for u in uploaded if u["name"] == "model-cards"]
+    assert cards["path"] == "${{ runner.temp }}/release/model-cards"
+    assert models.work == Path(RUNNER_ENV["RUNNER_TEMP"]) / "release"  # cards land in WORK/model-cards
     download = step_using(cd, "image", "actions/download-artifact")["with"]
     assert download == {"name": "registry", "path": "appliance/models"}
+    _, image = calls["image"]
+    assert image.context == Path(), "the checkout, with the downloaded registry, is what is built"
 
 
-def test_cd_pushes_one_multi_arch_image_tagged_sha_version_and_latest() -> None:
+def test_cd_pushes_one_multi_arch_image_tagged_version_sha_and_latest() -> None:
     cd = load(CD)
-    build = step_using(cd, "image", "docker/build-push-action")["with"]
-    assert {p.strip() for p in build["platforms"].split(",")} == {"linux/amd64", "linux/arm64"}
-    assert build["push"] is True
-    assert build["context"] == ".", "the checkout, with the trained registry, not the Git context"
-    assert build["build-args"].startswith("BUILD=${{ steps.version.outputs.build }}")
-    assert build["cache-from"] == "type=gha"
-    assert build["cache-to"].startswith("type=gha")
-    assert build["tags"] == "${{ steps.meta.outputs.tags }}"
-    meta = step_using(cd, "image", "docker/metadata-action")["with"]
-    tags = meta["tags"].splitlines()
-    assert any(t.startswith("type=sha") for t in tags)
-    assert "type=raw,value=latest,enable={{is_default_branch}}" in tags
-    assert any("steps.version.outputs.version" in t for t in tags)
-    assert "DOCKERHUB_REPOSITORY" in cd["jobs"]["image"]["env"]["IMAGE"]
+    step, image = release_calls(cd)["image"]
+    _check_image_args(image)  # the release's own check of its arguments
+    assert image.builder == "buildx"
+    assert set(image.platform.split(",")) == {"linux/amd64", "linux/arm64"}
+    assert image.cache_from == "type=gha"
+    assert image.cache_to.startswith("type=gha")
+    assert "DOCKERHUB_REPOSITORY" in step["env"]["IMAGE"]
+    assert step["env"]["LATEST"] == "${{ github.ref == 'refs/heads/main' }}"
+    assert (image.run_number, image.commit, image.latest) == (42, RUNNER_ENV["GITHUB_SHA"], "true")
+    tags = Identity.of(REPO, image.run_number, image.commit).tags(image.image, image.latest == "true")
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    sha = RUNNER_ENV["GITHUB_SHA"]
+    assert tags == [f"{image.image}:{t}" for t in (f"{version}-42", sha, f"sha-{sha[:7]}", "latest")]
+    # What buildx needs is set up before the release step: QEMU for arm64, a builder, the login, the cache.
+    used = [s.get("uses", "").split("@")[0] for s in cd["jobs"]["image"]["steps"]]
+    before = used[: cd["jobs"]["image"]["steps"].index(step)]
+    assert {"docker/setup-qemu-action", "docker/setup-buildx-action", "docker/login-action",
+            "crazy-max/ghaction-github-runtime"} <= set(before)  # fmt: skip
     assert step_using(cd, "image", "docker/setup-qemu-action")["with"]["platforms"] == "arm64"
-    step_using(cd, "image", "docker/setup-buildx-action")
 
 
 def test_registry_credentials_come_from_secrets() -> None:

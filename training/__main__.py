@@ -14,8 +14,8 @@ from appliance.candles import PRODUCT_PATTERN
 from appliance.helpers.cli import cli_time
 from appliance.logs import setup_logging
 from appliance.registry import ANY_PRODUCT
+from training import EXIT_GATE_REFUSED, GATE_MARGIN, GATE_P
 
-EXIT_GATE_REFUSED = 3
 log = logging.getLogger("training")
 
 
@@ -72,18 +72,23 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--gate-margin",
                 type=float,
-                default=0.002,
+                default=GATE_MARGIN,
                 help="most a model's hold-out MAE may exceed persistence's (0.002 = 0.2%%)",
             )
             p.add_argument(
                 "--gate-p",
                 type=float,
-                default=0.05,
+                default=GATE_P,
                 help="refuse a model significantly worse than persistence (one-sided DM p below this)",
             )
             p.add_argument("--force", action="store_true", help="promote even if the gate refuses")
         else:
             p.add_argument("--json", type=Path, help="also write the scores here (JSON)")
+    from training.release import __doc__ as release_doc
+    from training.release import add_arguments as release_arguments
+
+    release_arguments(sub.add_parser("release", help="CD's release: back-fill, train, gate, build and push",
+                                     description=release_doc))  # fmt: skip
     return parser
 
 
@@ -99,6 +104,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging("INFO")
+    if args.command == "release":
+        from training.release import run
+
+        return run(args, main)
     from training.card import table
     from training.models import CnnSettings
     from training.pipeline import TrainConfig, fit_and_score, register
@@ -135,8 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         holdout_start=args.holdout_start,
         cnn=cnn,
         walk_forward_folds=args.folds,
-        gate_margin=getattr(args, "gate_margin", 0.002),
-        gate_p=getattr(args, "gate_p", 0.05),
+        gate_margin=getattr(args, "gate_margin", GATE_MARGIN),
+        gate_p=getattr(args, "gate_p", GATE_P),
     )
     try:
         scored = fit_and_score(cfg)

@@ -24,6 +24,7 @@ from appliance.registry import (
     set_latest,
     sha256_of,
 )
+from training import GATE_MARGIN, GATE_P
 from training.card import write_card
 from training.data import Dataset, build_dataset, iso, load_candles, pool
 from training.evaluate import Calibration, Metrics, calibrate, choose_shrink, evaluate, walk_forward
@@ -58,8 +59,8 @@ class TrainConfig:
     calib_fraction: float = 0.15  # tail of the training period: interval calibration
     val_fraction: float = 0.15  # tail of the rest: the CNN's early stopping
     walk_forward_folds: int = 3
-    gate_margin: float = 0.002  # a model's MAE may be at most this much worse than persistence's ...
-    gate_p: float = 0.05  # ... and not significantly worse (one-sided Diebold-Mariano p below this)
+    gate_margin: float = GATE_MARGIN  # a model's MAE may be at most this much worse than persistence's ...
+    gate_p: float = GATE_P  # ... and not significantly worse (one-sided Diebold-Mariano p below this)
     quantize: bool = True  # serve the CNN as int8 weights ...
     quant_tolerance: float = 0.001  # ... if its hold-out MAE is at most this much (relative) worse
     pool: tuple[tuple[str, Path], ...] = ()  # a pooled version's (product, candles) pairs
