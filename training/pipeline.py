@@ -161,12 +161,18 @@ def fit_and_score(cfg: TrainConfig) -> Scored:
     log.info("walk-forward evaluation", extra={"folds": cfg.walk_forward_folds})
     folds = walk_forward(train, fitters, cfg.walk_forward_folds, cfg.calib_fraction, columns)
     seconds["walk_forward"] = time.monotonic() - started
-    # Shrinkage from the walk-forward's out-of-sample predictions: the training period only.
+    # Shrinkage from the walk-forward's out-of-sample predictions: the training period only. A pooled
+    # set keeps a signal only as far as it holds on every product it learns from (the smallest
+    # factor): serving products it never saw, it has no business betting on one product's edge.
     rows = folds.rows
     models: dict[str, Predictor] = {"persistence": Persistence()}
     for name, model in fitted.items():
-        factor = choose_shrink(rows.close, rows.target, folds.predicted[name])
-        log.info("shrinkage toward persistence", extra={"model": name, "factor": factor})
+        factors = {}
+        for product in dict.fromkeys(rows.product.tolist()):
+            mine = rows.product == product
+            factors[product] = choose_shrink(rows.close[mine], rows.target[mine], folds.predicted[name][mine])
+        factor = min(factors.values())
+        log.info("shrinkage toward persistence", extra={"model": name, "factor": factor} | factors)
         models[name] = Shrunk(name, model, factor)
     tests = {p: d.split_at(cfg.holdout_start)[1] for p, d in parts.items()}
     scored = Scored({}, volatility, {}, {}, folds.scores, train, calib_part, test, seconds, tests)
