@@ -16,15 +16,33 @@ event loop; kept in the store, so a restart reuses it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import math
+import os
+import threading
+import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import NDArray
 
+from appliance.candles import US
+from appliance.coinbase.rest import CoinbaseRest, CoinbaseRestError
 from appliance.features import WINDOW, CandleSeries, feature_matrix, next_candle
+from appliance.health import Conditions
+from appliance.history import backfill, missing_span
+from appliance.predictions import Calibration
+from appliance.store import Store
+
+if TYPE_CHECKING:
+    from appliance.inference import Inference, ProductModels
+
+log = logging.getLogger(__name__)
 
 Floats = NDArray[np.float64]
 LEVELS = (0.8, 0.95)
@@ -33,7 +51,6 @@ LEVELS = (0.8, 0.95)
 #: minutes the same 30 days, 2,880 candles, rather than the same count over a week and a half).
 CALIBRATION_DAYS = 30
 DAY = 86_400
-Method = Literal["training", "pooled", "device"]
 
 
 def rows_needed(granularity: int) -> int:
@@ -56,28 +73,6 @@ def conformal_quantile(scores: Floats, level: float) -> float:
 def conformal_quantiles(scores: Floats) -> dict[str, float]:
     """Each level's quantile, keyed as manifests key them ("0.8", "0.95")."""
     return {str(level): conformal_quantile(scores, level) for level in LEVELS}
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """How a product's intervals at one horizon are calibrated, as /health, the API and MQTT tell it.
-
-    ``method``: "training" (the product's own version, calibrated on its training period), "device"
-    (a pooled version, calibrated here from this product's history: ``quantiles``), or "pooled" (a
-    pooled version with the quantiles of its training products, and ``reason`` says why).
-    """
-
-    product: str
-    granularity: int
-    version: str
-    method: Method
-    calibrated_at: float | None = None  # wall clock of the calibration (or of the refusal)
-    through: int | None = None  # market time: close of the newest candle it read
-    rows: int = 0  # this product's calibration rows (candles predicted and scored)
-    first: int | None = None  # open time of the first and last of those candles
-    last: int | None = None
-    quantiles: Mapping[str, Mapping[str, float]] | None = None  # model -> level -> q ("device" only)
-    reason: str | None = None  # why "pooled": history too short, or not calibrated yet
 
 
 class NotEnoughHistory(ValueError):
@@ -121,3 +116,130 @@ def calibrate(series: CandleSeries, sigma: Graph, models: Mapping[str, Graph], r
         for name, run in models.items()
     }
     return Fitted(quantiles, rows, int(series.start[picked[0]]), int(series.start[picked[-1]]))
+
+
+def _low_priority() -> None:
+    """The calibration thread yields the core to everything else (Linux: a thread's own nice value)."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
+class Calibrator:
+    """Keeps the intervals of every product a pooled version serves calibrated from its own history.
+
+    At start the stored calibrations are taken as they are; then each product and horizon is
+    calibrated when its serving version has none, and again once a market day of candles has come
+    since (checked as trades are committed, at most every ``CHECK_S``). The history it needs is
+    back-filled first (only the missing candles); the computation runs in one low-priority worker
+    thread on its own read connection, and only the result is written, by the event loop.
+    """
+
+    CHECK_S = 1.0
+    RETRY_S = 300.0  # after a failure (REST, a model that will not run), wall seconds before trying again
+
+    def __init__(
+        self,
+        store: Store,
+        reader: Store,
+        rest: CoinbaseRest,
+        inference: Inference,
+        health: Conditions,
+    ) -> None:
+        self.store, self.reader, self.rest, self.inference, self.health = (
+            store,
+            reader,
+            rest,
+            inference,
+            health,
+        )
+        self._wake = asyncio.Event()
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="calibration", initializer=_low_priority)
+        self._not_before: dict[tuple[str, int], float] = {}
+        for c in store.calibrations():
+            inference.calibrations[c.product, c.granularity] = c
+
+    def wake(self) -> None:
+        """Trades were committed: the market clock moved."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                clock = self.store.last_trade_times()
+                for product in self.inference.products:
+                    for g in self.inference.granularities:
+                        if product in clock:
+                            await self.check(product, g, clock[product] // US // g * g)
+                await asyncio.sleep(self.CHECK_S)
+        finally:
+            self._worker.shutdown(wait=False, cancel_futures=True)
+
+    def due(self, product: str, g: int, open_bucket: int) -> bool:
+        """Served by a pooled version whose calibration here is missing or a market day old."""
+        loaded = self.inference.serving_of(product, g)
+        if loaded is None or not loaded.pooled or time.monotonic() < self._not_before.get((product, g), 0):
+            return False
+        done = self.inference.calibrations.get((product, g))
+        return (
+            done is None
+            or done.version != loaded.manifest.version
+            or open_bucket - (done.through or 0) >= DAY
+        )
+
+    async def check(self, product: str, g: int, open_bucket: int) -> Calibration | None:
+        """Calibrate ``product`` at ``g`` if due, with the candles closed before ``open_bucket``."""
+        if not self.due(product, g, open_bucket):
+            return None
+        loaded = self.inference.serving_of(product, g)
+        assert loaded is not None
+        key, subject, started = (product, g), f"{product} {g}s", time.monotonic()
+        loop = asyncio.get_running_loop()
+        try:
+            have = await loop.run_in_executor(self._worker, self._starts, product, g)
+            span = missing_span(have, open_bucket, candles_needed(g), g)
+            if span is not None:
+                await backfill(self.store, self.rest, product, g, *span, now=open_bucket, progress=False)
+            result = await loop.run_in_executor(self._worker, self._calibrate, product, g, loaded)
+        except (CoinbaseRestError, ValueError, RuntimeError, OSError) as exc:  # onnxruntime: RuntimeError
+            self._not_before[key] = time.monotonic() + self.RETRY_S
+            self.health.problem("calibration", "on-device calibration failing; the pooled intervals serve",
+                                subject=subject, error=str(exc) or type(exc).__name__,
+                                retry_in_s=self.RETRY_S)  # fmt: skip
+            return None
+        self.health.ok("calibration", subject=subject)
+        self.store.save_calibration(result)
+        self.inference.calibrations[key] = result
+        extra = {"product": product, "granularity": g, "version": result.version, "rows": result.rows,
+                 "s": round(time.monotonic() - started, 2)}  # fmt: skip
+        if result.quantiles is not None:
+            log.info("intervals calibrated", extra=extra | {
+                f"q80.{name}": round(q["0.8"], 3) for name, q in result.quantiles.items()})  # fmt: skip
+        else:
+            log.info(
+                "calibration refused; the pooled intervals serve", extra=extra | {"reason": result.reason}
+            )
+        return result
+
+    def _starts(self, product: str, g: int) -> list[int]:
+        return [r.start for r in self.reader.series_rows(product, g, last=candles_needed(g) + 1)]
+
+    def _calibrate(self, product: str, g: int, loaded: ProductModels) -> Calibration:
+        """In the worker thread: the newest closed candles through the served graphs."""
+        # Twice what a whole history needs: a hole Coinbase cannot fill (an hour without trades) costs
+        # the rows whose window holds it, and older candles stand in for them.
+        series = CandleSeries.from_rows(g, self.reader.series_rows(product, g, last=2 * candles_needed(g)))
+        version, now = loaded.manifest.version, time.time()
+        through = int(series.start[-1]) + g if len(series) else 0
+        models = {name: m.log_return for name, m in loaded.models.items()}
+        try:
+            fitted = calibrate(series, loaded.sigma, models, rows_needed(g))
+        except NotEnoughHistory as exc:
+            return Calibration(
+                product, g, version, "pooled", now, through, reason=f"{exc}: the pooled set's intervals"
+            )
+        first, last = fitted.first, fitted.last
+        return Calibration(
+            product, g, version, "device", now, through, fitted.rows, first, last, fitted.quantiles
+        )

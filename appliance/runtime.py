@@ -16,6 +16,7 @@ from appliance.api.app import create_app
 from appliance.api.server import http_server
 from appliance.api.state import AppState
 from appliance.api.stream import Hub, LiveEvents
+from appliance.calibration import Calibrator
 from appliance.candles import HOUR
 from appliance.coinbase.rest import CoinbaseRest
 from appliance.health import Conditions
@@ -46,10 +47,12 @@ async def up(settings: Settings) -> None:
     async with CoinbaseRest.from_settings(settings, health) as rest:
         ingester = Ingester(settings, store, rest, health=health)
         needs = candles_needed(settings.horizons, settings.history_days)
-        history = HistoryKeeper(store, rest, settings.products, needs, predictor.wake.set, health)
+        history = HistoryKeeper(store, rest, settings.products, needs, predictor.refresh, health)
+        # Its own read connection: it reads weeks of candles in a worker thread.
+        calibrator = Calibrator(store, Store(settings.db_path, readonly=True), rest, inference, health)
         hub = Hub()
         live = LiveEvents(hub, store, settings.products)
-        ingester.listeners += [predictor.wake.set, history.wake, live.on_commit]
+        ingester.listeners += [predictor.wake.set, history.wake, calibrator.wake, live.on_commit]
         app_state = AppState(settings, reader, inference, predictor, ingester, hub, health)
         for product in settings.products:
             app_state.keep(store.latest_predictions(product))
@@ -79,7 +82,13 @@ async def up(settings: Settings) -> None:
         server = http_server(app, settings)
         # uvicorn takes SIGINT/SIGTERM while serving, shuts down, then re-raises them: the server
         # finishing is what stops every other part.
-        parts = (server.serve([http_socket]), ingester.run(), predictor.run(), history.run())
+        parts = (
+            server.serve([http_socket]),
+            ingester.run(),
+            predictor.run(),
+            history.run(),
+            calibrator.run(),
+        )
         tasks = [asyncio.create_task(part) for part in parts]
         log.info("appliance up", extra={"http": f"{settings.http_host}:{settings.http_port}",
                                         "products": ",".join(settings.products)})  # fmt: skip
@@ -96,4 +105,5 @@ async def up(settings: Settings) -> None:
                 publisher.stop()
             store.close()
             reader.close()
+            calibrator.reader.close()
             log.info("appliance stopped")
