@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
+
 from appliance.features import FEATURE_NAMES, SPEC_HASH, SPEC_NAME
 from appliance.registry import (
     ANY_PRODUCT,
@@ -162,15 +164,28 @@ def fit_and_score(cfg: TrainConfig) -> Scored:
     folds = walk_forward(train, fitters, cfg.walk_forward_folds, cfg.calib_fraction, columns)
     seconds["walk_forward"] = time.monotonic() - started
     # Shrinkage from the walk-forward's out-of-sample predictions: the training period only. A pooled
-    # set keeps a signal only as far as it holds on every product it learns from (the smallest
-    # factor): serving products it never saw, it has no business betting on one product's edge.
+    # set keeps a signal only as far as it holds on every product it learns from and in every block
+    # of the walk-forward (the smallest factor): serving products it never saw, into a future that
+    # may not look like one stretch of the past, it has no business betting on an edge that one
+    # product or one stretch of time shows and the others do not.
     rows = folds.rows
+    subsets = {"all": np.ones(len(rows), dtype=bool)}
+    if cfg.pool:
+        blocks = np.zeros(len(rows), dtype=int)
+        for i, block in enumerate(np.array_split(np.arange(len(rows)), cfg.walk_forward_folds)):
+            blocks[block] = i
+        products = dict.fromkeys(rows.product.tolist())
+        subsets = {
+            f"{p}.{b}": (rows.product == p) & (blocks == b)
+            for p in products
+            for b in range(cfg.walk_forward_folds)
+        }
     models: dict[str, Predictor] = {"persistence": Persistence()}
     for name, model in fitted.items():
-        factors = {}
-        for product in dict.fromkeys(rows.product.tolist()):
-            mine = rows.product == product
-            factors[product] = choose_shrink(rows.close[mine], rows.target[mine], folds.predicted[name][mine])
+        factors = {
+            key: choose_shrink(rows.close[mine], rows.target[mine], folds.predicted[name][mine])
+            for key, mine in subsets.items()
+        }
         factor = min(factors.values())
         log.info("shrinkage toward persistence", extra={"model": name, "factor": factor} | factors)
         models[name] = Shrunk(name, model, factor)
