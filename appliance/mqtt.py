@@ -20,7 +20,6 @@ broker may have lost its retained messages).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import re
@@ -36,7 +35,7 @@ import paho.mqtt.client as mqtt
 from appliance import __version__
 from appliance.candles import quote_currency
 from appliance.health import Conditions
-from appliance.helpers.mqtt import HA_STATUS, came_online, ha_device, ha_entity_id, mqtt_client
+from appliance.helpers.mqtt import HA_STATUS, came_online, go_offline, ha_device, ha_entity_id, mqtt_client
 from appliance.metrics import MQTT_CONNECTED, MQTT_PUBLISHED
 from appliance.predictions import PredictionRow
 
@@ -156,12 +155,7 @@ class MqttPublisher:
         with self._lock:
             if self._price_timer is not None:
                 self._price_timer.cancel()
-        info = self.client.publish(self.status_topic, "offline", qos=1, retain=True)
-        if self.client.is_connected():
-            with contextlib.suppress(RuntimeError, ValueError):  # queued while disconnected: no wait
-                info.wait_for_publish(timeout=2)
-        self.client.disconnect()
-        self.client.loop_stop()
+        go_offline(self.client, self.status_topic)
         MQTT_CONNECTED.set(0)
 
     def set_models(self, product: str, granularity: int, models: list[str]) -> None:

@@ -6,7 +6,6 @@ Both are called on every change of a deployment's state, from the deploy thread;
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import threading
@@ -14,7 +13,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from appliance.helpers.mqtt import HA_STATUS, came_online, ha_device, ha_entity_id, mqtt_client
+from appliance.helpers.mqtt import HA_STATUS, came_online, go_offline, ha_device, ha_entity_id, mqtt_client
 from webhook.metrics import NOTIFICATIONS
 from webhook.records import ENDED, UNDER_WAY, Deployment
 from webhook.settings import split_urls
@@ -99,12 +98,7 @@ class MqttNotifier:
 
     def stop(self) -> None:
         """Say ``offline`` (retained) before leaving: the update entity turns unavailable at once."""
-        info = self.client.publish(self.status_topic, "offline", qos=1, retain=True)
-        if self.client.is_connected():
-            with contextlib.suppress(RuntimeError, ValueError):  # queued while disconnected: no wait
-                info.wait_for_publish(timeout=2)
-        self.client.disconnect()
-        self.client.loop_stop()
+        go_offline(self.client, self.status_topic)
 
     def __call__(self, d: Deployment) -> None:
         if d.after_version:

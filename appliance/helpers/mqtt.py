@@ -6,6 +6,7 @@ Nothing here publishes or counts: each program adds its own topics and metrics o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -67,6 +68,17 @@ def came_online(client: mqtt.Client, reason: Any, status_topic: str) -> bool:
     client.subscribe(HA_STATUS, qos=1)
     client.publish(status_topic, "online", qos=1, retain=True)
     return True
+
+
+def go_offline(client: mqtt.Client, status_topic: str) -> None:
+    """Publish ``offline`` (retained) and wait briefly for it before disconnecting: a last will is only
+    sent for an unclean end, so without this a clean stop would leave the entity looking online."""
+    info = client.publish(status_topic, "offline", qos=1, retain=True)
+    if client.is_connected():
+        with contextlib.suppress(RuntimeError, ValueError):  # queued while disconnected: no wait
+            info.wait_for_publish(timeout=2)
+    client.disconnect()
+    client.loop_stop()
 
 
 def ha_device(device_id: str) -> dict[str, Any]:
