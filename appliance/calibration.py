@@ -10,18 +10,15 @@ one row at a time as it serves.
 
 Too little history (a product listed weeks ago) is refused with the reason, and the pooled set's own
 quantiles (calibrated in training on the products it was trained on) serve meanwhile; every
-prediction says which. Recalibrated once a market day, in a low-priority worker thread, never on the
-event loop; kept in the store, so a restart reuses it.
+prediction says which. Recalibrated once a market day, in a worker thread that pauses after every
+row, never on the event loop; kept in the store, so a restart reuses it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
-import os
-import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -51,6 +48,7 @@ LEVELS = (0.8, 0.95)
 #: minutes the same 30 days, 2,880 candles, rather than the same count over a week and a half).
 CALIBRATION_DAYS = 30
 DAY = 86_400
+YIELD_S = 0.001  # the calibration thread's pause after each row (2,880 rows: about 3 s more a calibration)
 
 
 def rows_needed(granularity: int) -> int:
@@ -118,10 +116,17 @@ def calibrate(series: CandleSeries, sigma: Graph, models: Mapping[str, Graph], r
     return Fitted(quantiles, rows, int(series.start[picked[0]]), int(series.start[picked[-1]]))
 
 
-def _low_priority() -> None:
-    """The calibration thread yields the core to everything else (Linux: a thread's own nice value)."""
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+def yielding(graph: Graph) -> Graph:
+    """``graph``, then a short sleep: the worker thread gives the interpreter (the GIL) back to the
+    event loop after every row, so a close's predictions never wait behind a calibration. (Not a
+    lower nice value: a thread that the kernel starves while it holds the GIL stalls the loop too.)"""
+
+    def run(x: Floats) -> float:
+        out = graph(x)
+        time.sleep(YIELD_S)
+        return out
+
+    return run
 
 
 class Calibrator:
@@ -130,8 +135,9 @@ class Calibrator:
     At start the stored calibrations are taken as they are; then each product and horizon is
     calibrated when its serving version has none, and again once a market day of candles has come
     since (checked as trades are committed, at most every ``CHECK_S``). The history it needs is
-    back-filled first (only the missing candles); the computation runs in one low-priority worker
-    thread on its own read connection, and only the result is written, by the event loop.
+    back-filled first (only the missing candles); the computation runs in one worker thread on its
+    own read connection, pausing after every row so that the event loop keeps the interpreter;
+    only the result is written, by the event loop.
     """
 
     CHECK_S = 1.0
@@ -153,7 +159,7 @@ class Calibrator:
             health,
         )
         self._wake = asyncio.Event()
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="calibration", initializer=_low_priority)
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="calibration")
         self._not_before: dict[tuple[str, int], float] = {}
         for c in store.calibrations():
             inference.calibrations[c.product, c.granularity] = c
@@ -234,7 +240,7 @@ class Calibrator:
         through = int(series.start[-1]) + g if len(series) else 0
         models = {name: m.log_return for name, m in loaded.models.items()}
         try:
-            fitted = calibrate(series, loaded.sigma, models, rows_needed(g))
+            fitted = calibrate(series, yielding(loaded.sigma), models, rows_needed(g))
         except NotEnoughHistory as exc:
             return Calibration(
                 product, g, version, "pooled", now, through, reason=f"{exc}: the pooled set's intervals"
