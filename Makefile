@@ -24,7 +24,7 @@ apt-need = missing=$$(for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || echo $$p;
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $$missing; \
 	fi
 
-.PHONY: help setup run demo test test-deps lint fmt bench soak mutation models clean install smoke-arm64 release-local
+.PHONY: help setup run demo test test-deps lint fmt bench soak mutation models leave-one-out clean install smoke-arm64 release-local
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -99,11 +99,22 @@ release-local: setup  ## CD's release program end to end here: replay as Coinbas
 install:  ## on the Pi, from /opt/cryptopi: host venv, /etc/cryptopi, systemd units (INSTALL_ARGS=--with-cloudflared)
 	$(SUDO) systemd/install.sh $(INSTALL_ARGS)
 
-models: setup  ## retrain the shipped models (BTC-USD, ETH-USD; hourly and 15-minute) from the bundled candles
+# Each product's own set, then the pooled set ('*': any other product) trained on both.
+POOLED = $(foreach p,BTC-USD ETH-USD,--pooled $(p)=$(DATASETS)/coinbase_$(p)_$(1).csv)
+models: setup  ## retrain the shipped models (BTC-USD, ETH-USD and the pooled set; hourly and 15-minute)
 	for granularity in 3600:1h 900:15m; do for product in BTC-USD ETH-USD; do \
 		$(DEV) python -m training train --data $(DATASETS)/coinbase_$${product}_$${granularity#*:}.csv \
 			--product $$product --granularity $${granularity%:*} --out appliance/models || exit; \
 	done; done
+	$(DEV) python -m training train $(call POOLED,1h) --granularity 3600 --out appliance/models
+	$(DEV) python -m training train $(call POOLED,15m) --granularity 900 --out appliance/models
+
+leave-one-out: setup  ## each product scored by a pooled set trained without it (JSON in bench-results/)
+	@mkdir -p bench-results
+	$(DEV) python -m training leave-one-out $(subst --pooled,--data,$(call POOLED,1h)) --granularity 3600 \
+		--json bench-results/leave-one-out-3600.json
+	$(DEV) python -m training leave-one-out $(subst --pooled,--data,$(call POOLED,15m)) --granularity 900 \
+		--json bench-results/leave-one-out-900.json
 
 clean:  ## remove the virtualenv, caches and local data
 	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache bench-results mutation-results data

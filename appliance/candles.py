@@ -30,6 +30,13 @@ COINBASE_GRANULARITIES = (60, 300, 900, 3600, 21600, 86400)
 #: A Coinbase product id, ``BASE-QUOTE`` (BTC-USD, ETH-EUR).
 PRODUCT_PATTERN = r"^[A-Z0-9]{1,12}-[A-Z0-9]{1,12}$"
 Side = Literal["buy", "sell"]
+
+
+def quote_currency(product: str) -> str:
+    """The currency a product is priced in: Coinbase ids are BASE-QUOTE (BTC-EUR -> EUR)."""
+    return product.rsplit("-", 1)[-1]
+
+
 _SIZE = re.compile(r"^(\d{1,12})(?:\.(\d{1,8}))?$")
 _PRICE = re.compile(r"^\d{1,12}(?:\.\d{1,12})?$")
 

@@ -210,6 +210,15 @@ def feature_row(s: CandleSeries) -> Floats:
     return np.asarray(row, dtype=np.float64)
 
 
+def next_candle(s: CandleSeries) -> NDArray[np.int64]:
+    """Each candle's next one by timestamp (t + granularity), as an index into ``s``; -1 where it is
+    missing (a hole, or the newest candle): what a prediction made at t is scored against."""
+    nxt = np.searchsorted(s.start, s.start + s.granularity)
+    found = nxt < len(s)
+    found[found] &= s.start[nxt[found]] == s.start[found] + s.granularity
+    return np.where(found, nxt, -1).astype(np.int64)
+
+
 def _rsi(avg_gain: Floats, avg_loss: Floats) -> Floats:
     with np.errstate(divide="ignore", invalid="ignore"):
         rsi = 100.0 - 100.0 / (1.0 + avg_gain / avg_loss)

@@ -4,7 +4,9 @@ Sessions are created once per model version, checked (sha256, feature spec) and 
 they replace the ones serving; a broken or mismatched version is refused and the old one keeps
 serving. A prediction is one feature row through the volatility model (sigma) and each point model
 (raw features in, log return out, times its shrink factor; persistence runs nothing), with the
-interval from the model's calibration times sigma. Versions are per product and granularity.
+interval from the model's calibration times sigma. Versions are per product and granularity; one
+version serving many products (a pooled one) is loaded once, and its intervals are calibrated per
+product on the device (:mod:`appliance.calibration`) once the calibrator has done so.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import onnxruntime as ort
 from appliance.features import CandleSeries, feature_row
 from appliance.health import Conditions
 from appliance.metrics import MODEL_INFO, MODEL_REFUSED
-from appliance.predictions import PredictionRow
+from appliance.predictions import Calibration, PredictionRow
 from appliance.registry import (
     ANY_PRODUCT,
     Manifest,
@@ -33,6 +35,7 @@ from appliance.registry import (
 )
 
 log = logging.getLogger(__name__)
+NOT_YET = "not calibrated on this device yet: the pooled set's intervals meanwhile"
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,11 @@ class ProductModels:
     def sigma(self, row: np.ndarray) -> float:
         """The next candle's volatility (std of its log return, up to the models' multipliers)."""
         return math.exp(0.5 * self.volatility.run(row))
+
+    @property
+    def pooled(self) -> bool:
+        """A pooled version: it serves products it was not trained on."""
+        return self.manifest.product == ANY_PRODUCT
 
 
 def load_models(folder: Path) -> ProductModels:
@@ -115,6 +123,8 @@ class Inference:
         self.granularities = granularities
         self.health = health or Conditions()  # refused versions and an unreadable registry show in /health
         self.serving: dict[tuple[str, int], ProductModels] = {}
+        #: The device's calibrations of products served by a pooled version (set by the calibrator).
+        self.calibrations: dict[tuple[str, int], Calibration] = {}
         self._seen: dict[tuple[str, int], str] = {}
 
     def reload(self) -> bool:
@@ -127,6 +137,20 @@ class Inference:
             return False
         self.health.ok("models")
         changed = False
+        opened: dict[str, ProductModels | RegistryError] = {}
+
+        def open_once(version: str) -> ProductModels:
+            """Each version is checked and loaded once a reload, however many products it serves."""
+            if version not in opened:
+                try:
+                    opened[version] = load_models(version_folder(self.registry, version))
+                except RegistryError as exc:
+                    opened[version] = exc
+            found = opened[version]
+            if isinstance(found, RegistryError):
+                raise found
+            return found
+
         for key in ((p, g) for p in self.products for g in self.granularities):
             product, g = key
             version = resolve(wanted, product, g)
@@ -135,7 +159,7 @@ class Inference:
             self._seen[key] = version  # a refused version is not retried until latest changes
             started = time.monotonic()
             try:
-                loaded = load_models(version_folder(self.registry, version))
+                loaded = open_once(version)
                 m = loaded.manifest
                 if m.product not in (product, ANY_PRODUCT) or m.granularity != g:
                     raise RegistryError(
@@ -169,25 +193,43 @@ class Inference:
         loaded = self.serving_of(product, granularity)
         return sorted(loaded.models) if loaded else []
 
+    def calibration_of(self, product: str, granularity: int = 3600) -> Calibration | None:
+        """How ``product``'s intervals at ``granularity`` are calibrated now (None: no models)."""
+        loaded = self.serving_of(product, granularity)
+        if loaded is None:
+            return None
+        version = loaded.manifest.version
+        if not loaded.pooled:
+            return Calibration(product, granularity, version, "training")
+        device = self.calibrations.get((product, granularity))
+        if device is not None and device.version == version:
+            return device
+        return Calibration(product, granularity, version, "pooled", reason=NOT_YET)
+
     def predict(self, product: str, series: CandleSeries) -> list[PredictionRow]:
         """Each model's prediction of the candle after ``series``' last, by the models of the series'
         granularity; MissingHistory if it is short."""
         g = series.granularity
         loaded = self.serving_of(product, g)
-        if loaded is None:
+        calibration = self.calibration_of(product, g)
+        if loaded is None or calibration is None:
             return []
         row = feature_row(series)
         sigma = loaded.sigma(row)
         close = float(series.close[-1])
         as_of = int(series.start[-1]) + g
         now = time.time()
+        device = calibration.quantiles if calibration.method == "device" else None
         out = []
         for name, model in loaded.models.items():
             r = model.log_return(row)
-            q80, q95 = model.quantiles["0.8"] * sigma, model.quantiles["0.95"] * sigma
+            q = device[name] if device is not None else model.quantiles
+            q80, q95 = q["0.8"] * sigma, q["0.95"] * sigma
             out.append(PredictionRow(
                 product, name, as_of, loaded.manifest.version, g, as_of + g, close, close * math.exp(r),
                 close * math.exp(r - q80), close * math.exp(r + q80),
-                close * math.exp(r - q95), close * math.exp(r + q95), now,
+                close * math.exp(r - q95), close * math.exp(r + q95), now, None,
+                calibration.method, calibration.calibrated_at if device is not None else None,
+                calibration.reason,
             ))  # fmt: skip
         return out

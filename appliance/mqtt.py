@@ -33,6 +33,7 @@ from typing import Any, Literal
 import paho.mqtt.client as mqtt
 
 from appliance import __version__
+from appliance.candles import quote_currency
 from appliance.health import Conditions
 from appliance.helpers.mqtt import HA_STATUS, came_online, go_offline, ha_device, ha_entity_id, mqtt_client
 from appliance.metrics import MQTT_CONNECTED, MQTT_PUBLISHED
@@ -62,11 +63,6 @@ def horizon(granularity: int) -> tuple[str, str]:
     return f"{granularity // 60}m", f"next {granularity // 60} min"
 
 
-def quote_currency(product: str) -> str:
-    """The currency a product is priced in: Coinbase ids are BASE-QUOTE (BTC-EUR -> EUR)."""
-    return product.rsplit("-", 1)[-1]
-
-
 def prediction_payload(row: PredictionRow, accuracy: dict[str, float | None] | None = None) -> dict[str, Any]:
     return {
         "product": row.product, "model": row.model, "model_version": row.model_version,
@@ -74,7 +70,10 @@ def prediction_payload(row: PredictionRow, accuracy: dict[str, float | None] | N
         "predicted_close": round(row.predicted_close, 2),
         "lower_80": round(row.lower_80, 2), "upper_80": round(row.upper_80, 2),
         "lower_95": round(row.lower_95, 2), "upper_95": round(row.upper_95, 2),
-        "last_close": row.last_close, "accuracy": accuracy or {},
+        "last_close": row.last_close, "currency": quote_currency(row.product),
+        "pooled": row.calibration != "training", "calibration": row.calibration,
+        "calibrated_at": row.calibrated_at, "calibration_note": row.calibration_note,
+        "accuracy": accuracy or {},
     }  # fmt: skip
 
 
@@ -160,11 +159,14 @@ class MqttPublisher:
         MQTT_CONNECTED.set(0)
 
     def set_models(self, product: str, granularity: int, models: list[str]) -> None:
-        """The models to announce for ``product`` at ``granularity``; re-announced if they changed."""
+        """The models to announce for ``product`` at ``granularity``; their sensors announced if they
+        changed (only theirs: fifty products' every config on each change would be thousands)."""
         if self.models.get((product, granularity)) != models:
             self.models[product, granularity] = models
             if self.client.is_connected():
-                self.announce()
+                self._announce(
+                    self._prediction_sensors(product, granularity, models), {(product, granularity): models}
+                )
 
     def on_predictions(self, rows: list[PredictionRow]) -> None:
         """New predictions: announce their products' models if they changed, then publish them."""
@@ -231,31 +233,38 @@ class MqttPublisher:
     # Home Assistant discovery ---------------------------------------------------------------------
 
     def announce(self) -> None:
-        for d in self.discovery():
+        self._announce(self.discovery(), self.models)
+
+    def _announce(self, configs: list[Discovery], models: Mapping[tuple[str, int], list[str]]) -> None:
+        for d in configs:
             topic = f"{self.prefix}/{d.component}/cryptopi_{self.device}/{d.key}/config"
             self._publish(topic, json.dumps(d.config), "discovery")
         # Before horizons, each model's config sat at <product>_<model>: an empty retained payload
         # removes that entity from Home Assistant (and the broker), so an upgrade leaves no duplicate.
-        for product, model in {(p, m) for (p, _), models in self.models.items() for m in models}:
+        for product, model in {(p, m) for (p, _), names in models.items() for m in names}:
             self.client.publish(f"{self.prefix}/sensor/cryptopi_{self.device}/{slug(product)}_{slug(model)}/config",
                                 b"", qos=1, retain=True)  # fmt: skip
 
-    def discovery(self) -> list[Discovery]:
-        """Every entity of this appliance: per product, horizon and model the predicted price, the 80 %
-        interval's bounds and the realized skill; per product the live price; the feed's connectivity."""
+    def _prediction_sensors(self, product: str, granularity: int, models: list[str]) -> list[Discovery]:
+        """Per model the predicted price, the 80 % interval's bounds and the realized skill."""
         out = []
-        for (product, granularity), models in self.models.items():
-            hid, words = horizon(granularity)
-            for model in models:
-                state = self.topic(product, granularity, model)
-                for suffix, name, template, extra in PREDICTION_SENSORS:
-                    key = f"{slug(product)}_{hid}_{slug(model)}{suffix}"
-                    config = self._sensor(key, f"{product} {words} ({model}){name}", quote_currency(product))
-                    config |= {"state_topic": state, "value_template": template, **extra,
-                               "expire_after": EXPIRE_AFTER_HORIZONS * granularity}  # fmt: skip
-                    if not suffix:  # the whole prediction, once
-                        config["json_attributes_topic"] = state
-                    out.append(Discovery("sensor", key, config))
+        hid, words = horizon(granularity)
+        for model in models:
+            state = self.topic(product, granularity, model)
+            for suffix, name, template, extra in PREDICTION_SENSORS:
+                key = f"{slug(product)}_{hid}_{slug(model)}{suffix}"
+                config = self._sensor(key, f"{product} {words} ({model}){name}", quote_currency(product))
+                config |= {"state_topic": state, "value_template": template, **extra,
+                           "expire_after": EXPIRE_AFTER_HORIZONS * granularity}  # fmt: skip
+                if not suffix:  # the whole prediction, once
+                    config["json_attributes_topic"] = state
+                out.append(Discovery("sensor", key, config))
+        return out
+
+    def discovery(self) -> list[Discovery]:
+        """Every entity of this appliance: per product, horizon and model the prediction sensors; per
+        product the live price; the feed's connectivity."""
+        out = [d for (p, g), models in self.models.items() for d in self._prediction_sensors(p, g, models)]
         for product in self.products:
             key = f"{slug(product)}_price"
             # A price is live only while the feed is: unavailable when either topic says so.

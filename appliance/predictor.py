@@ -1,9 +1,11 @@
 """Closed candles in, stored predictions out; closed targets in, realized closes recorded.
 
 Woken by the ingester after each commit, so a prediction exists moments after its candle closes and
-reading it later costs a lookup. New model versions are picked up between steps. While the store
-cannot be written, nothing is predicted (no new candle can have been stored either); the step after
-it works again catches up.
+reading it later costs a lookup. A step looks only at the products whose market clock (their newest
+committed trade) entered a new candle, or that still wait for one (history being back-filled, no
+models yet), so fifty products cost little more than two between closes. New model versions are
+picked up between steps. While the store cannot be written, nothing is predicted (no new candle can
+have been stored either); the step after it works again catches up.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
+from appliance.candles import US, CandleRow
 from appliance.features import WINDOW, CandleSeries, MissingHistory
 from appliance.inference import Inference
 from appliance.metrics import COVERAGE_80, REALIZED_MAE
@@ -25,7 +28,9 @@ from appliance.storekeeper import StoreKeeper
 
 log = logging.getLogger(__name__)
 RELOAD_EVERY_S = 10.0
+RETRY_S = 1.0  # a product waiting for its newest closed candle is looked at again at most this often
 ACCURACY_WINDOW = 168  # predictions: a week of hours
+LOGGED_PER_ROUND = 12  # predicted closes named in a round's log line
 
 
 Horizon = tuple[str, int]  # (product, granularity)
@@ -46,6 +51,8 @@ class Predictor:
         }
         self.listeners: list[Callable[[list[PredictionRow]], None]] = []
         self._done_as_of: dict[Horizon, int] = {}
+        self._looked: dict[Horizon, tuple[int | None, float]] = {}  # the open candle seen, and when
+        self._waiting: set[Horizon] = set()  # its newest closed candle not predicted yet
         #: Latest rolling accuracy per (product, granularity, model), for whoever publishes predictions.
         self.accuracy: dict[tuple[str, int, str], dict[str, float | None]] = {}
 
@@ -53,6 +60,11 @@ class Predictor:
         """Why ``product`` lacks a fresh prediction at some horizon (each named), None when it has all."""
         reasons = [f"{g}s: {why}" for (p, g), why in sorted(self.missing.items()) if p == product and why]
         return "; ".join(reasons) or None
+
+    def refresh(self) -> None:
+        """Look at every product again at the next step (new history arrived), and wake."""
+        self._looked.clear()
+        self.wake.set()
 
     def step(self) -> list[PredictionRow]:
         """Predict every product and horizon whose newest closed candle has no prediction yet."""
@@ -69,30 +81,48 @@ class Predictor:
     def forget(self) -> None:
         """The store was replaced: every candle is new to it, predicted or not."""
         self._done_as_of.clear()
+        self._looked.clear()
 
     def _step(self) -> list[PredictionRow]:
         started = time.perf_counter()
         made: list[PredictionRow] = []
+        clock, now = self.store.last_trade_times(), time.monotonic()
         for product in self.inference.products:
             for g in self.inference.granularities:
-                made += self._predict(product, g)
+                key = (product, g)
+                open_bucket = clock[product] // US // g * g if product in clock else None
+                seen = self._looked.get(key)
+                if seen and seen[0] == open_bucket and (key not in self._waiting or now - seen[1] < RETRY_S):
+                    continue
+                self._looked[key] = (open_bucket, now)
+                made += self._predict(product, g, open_bucket)
         if made:
             log.info("predictions made", extra=round_fields(made, time.perf_counter() - started))
             for listener in self.listeners:
                 listener(made)
         return made
 
-    def _predict(self, product: str, g: int) -> list[PredictionRow]:
+    def _predict(self, product: str, g: int, open_bucket: int | None) -> list[PredictionRow]:
+        """The prediction from the newest closed candle stored. The pair keeps waiting (looked at again
+        within ``RETRY_S``) until the candle before ``open_bucket`` is stored and predicted."""
         key = (product, g)
         rows = self.store.series_rows(product, g, last=WINDOW + 2)
         if not rows:
             self.missing[key] = "no candles stored yet"
+            self._waiting.add(key)
             return []
         if self.store.realize(product, g, {r.start: r.close for r in rows[-2:]}):
             self.score(product, g)
         as_of = rows[-1].start + g
-        if self._done_as_of.get(key) == as_of:
-            return []
+        made = [] if self._done_as_of.get(key) == as_of else self._made(product, g, rows, as_of)
+        if self._done_as_of.get(key) == as_of and open_bucket in (as_of, None):  # none newer can come yet
+            self._waiting.discard(key)
+        else:
+            self._waiting.add(key)
+        return made
+
+    def _made(self, product: str, g: int, rows: list[CandleRow], as_of: int) -> list[PredictionRow]:
+        key = (product, g)
         if self.inference.serving_of(product, g) is None:
             self.missing[key] = "no model loaded"
             return []
@@ -135,6 +165,8 @@ class Predictor:
                 # In a worker thread: checking a new version hashes and loads its files, which must
                 # never stall the API or ingest (the swap itself is one assignment).
                 reloaded = await asyncio.to_thread(self.inference.reload)
+                if reloaded:
+                    self._looked.clear()
                 last_reload = time.monotonic()
             if woken or reloaded:
                 self.step()
@@ -143,11 +175,12 @@ class Predictor:
 def round_fields(rows: Sequence[PredictionRow], seconds: float) -> dict[str, object]:
     """The log fields of one prediction round: when, how long, and every model's predicted close."""
     as_of = max(r.as_of for r in rows)
+    shown = rows[:LOGGED_PER_ROUND]  # fifty products' predictions would make a line no one reads
     return {
         "as_of": datetime.fromtimestamp(as_of, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "predictions": len(rows), "ms": round(seconds * 1000, 1),
-        **{f"{r.product}.{r.granularity}.{r.model}": round(r.predicted_close, 2) for r in rows},
-    }  # fmt: skip
+        "predictions": len(rows), "products": len({r.product for r in rows}), "ms": round(seconds * 1000, 1),
+        **{f"{r.product}.{r.granularity}.{r.model}": round(r.predicted_close, 2) for r in shown},
+    } | ({"more": len(rows) - len(shown)} if len(rows) > len(shown) else {})  # fmt: skip
 
 
 def scores(

@@ -90,6 +90,7 @@ class VolatilityEntry(_Frozen):
 
 class TrainingData(_Frozen):
     source: str
+    products: list[str] = Field(default_factory=list)  # those trained on (a pooled version's several)
     first_candle: datetime
     last_candle: datetime
     holdout_start: datetime

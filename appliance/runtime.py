@@ -19,6 +19,7 @@ from appliance.api.app import create_app
 from appliance.api.server import http_server
 from appliance.api.state import AppState
 from appliance.api.stream import Hub, LiveEvents
+from appliance.calibration import Calibrator
 from appliance.candles import HOUR, Candle
 from appliance.coinbase.rest import CoinbaseRest
 from appliance.health import Conditions
@@ -52,12 +53,15 @@ async def up(settings: Settings) -> None:
     async with CoinbaseRest.from_settings(settings, health) as rest:
         ingester = Ingester(settings, store, rest, health=health, keeper=keeper)
         needs = candles_needed(settings.horizons, settings.history_days)
-        history = HistoryKeeper(store, rest, settings.products, needs, predictor.wake.set, health, keeper)
+        history = HistoryKeeper(store, rest, settings.products, needs, predictor.refresh, health, keeper)
+        # Its own read connection: it reads weeks of candles in a worker thread.
+        calibrator_reader = Store(settings.db_path, readonly=True, connect=False)
+        calibrator = Calibrator(store, calibrator_reader, rest, inference, health, keeper)
         hub = Hub()
         live = LiveEvents(hub, ingester, settings.products, settings.horizons)
-        ingester.listeners += [predictor.wake.set, history.wake]
+        ingester.listeners += [predictor.wake.set, history.wake, calibrator.wake]
         ingester.trade_listeners.append(live.on_trades)
-        keeper.on_replaced += [predictor.forget, history.forget]
+        keeper.on_replaced += [predictor.forget, history.forget, calibrator.forget]
         app_state = AppState(settings, reader, inference, predictor, ingester, hub, health,
                              storage_error=keeper.failed)  # fmt: skip
         for product in settings.products:
@@ -89,7 +93,14 @@ async def up(settings: Settings) -> None:
         server = http_server(app, settings)
         # uvicorn takes SIGINT/SIGTERM while serving, shuts down, then re-raises them: the server
         # finishing is what stops every other part.
-        parts = (server.serve([http_socket]), ingester.run(), predictor.run(), history.run(), keeper.run())
+        parts = (
+            server.serve([http_socket]),
+            ingester.run(),
+            predictor.run(),
+            history.run(),
+            keeper.run(),
+            calibrator.run(),
+        )
         tasks = [asyncio.create_task(part) for part in parts]
         log.info("appliance up", extra={"http": f"{settings.http_host}:{settings.http_port}",
                                         "products": ",".join(settings.products)})  # fmt: skip
@@ -105,5 +116,6 @@ async def up(settings: Settings) -> None:
             if publisher:
                 publisher.stop()
             reader.close()
+            calibrator_reader.close()
             store.close()  # the last connection: the write-ahead log is folded in, one file remains
             log.info("appliance stopped")

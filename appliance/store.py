@@ -14,12 +14,13 @@ schema: a newer one is refused before anything is written to it.
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 from typing import Literal
 
@@ -32,7 +33,7 @@ from appliance.candles import (
     bucket_start,
     splice,
 )
-from appliance.predictions import PredictionRow
+from appliance.predictions import Calibration, PredictionRow
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,28 @@ MIGRATIONS: tuple[str, ...] = (
     );
     DROP TABLE trade_candles;
     ALTER TABLE trade_candles_v4 RENAME TO trade_candles;
+    """,
+    # 5 (issue #12): how each prediction's intervals were calibrated (its version's own quantiles, a
+    # pooled set's, or this device's from the product's history), and the device's calibrations, so a
+    # restart reuses them.
+    """
+    ALTER TABLE predictions ADD COLUMN calibration TEXT NOT NULL DEFAULT 'training';
+    ALTER TABLE predictions ADD COLUMN calibrated_at REAL;
+    ALTER TABLE predictions ADD COLUMN calibration_note TEXT;
+    CREATE TABLE calibrations (
+        product TEXT NOT NULL,
+        granularity INTEGER NOT NULL,
+        version TEXT NOT NULL,
+        method TEXT NOT NULL CHECK (method IN ('device', 'pooled')),
+        calibrated_at REAL NOT NULL,
+        through INTEGER NOT NULL,
+        rows INTEGER NOT NULL,
+        first_start INTEGER,
+        last_start INTEGER,
+        quantiles TEXT,
+        reason TEXT,
+        PRIMARY KEY (product, granularity)
+    ) WITHOUT ROWID;
     """,
 )
 
@@ -356,6 +379,10 @@ class Store:
                 out[g] = (start, Candle(*row))
         return out
 
+    def last_trade_times(self) -> dict[str, int]:
+        """Every product's newest committed trade time (us): the market clock, in one read."""
+        return dict(self._db.execute("SELECT product, last_trade_time_us FROM ingest_state"))
+
     def prune_trade_candles(self, granularity: int, keep_s: float) -> int:
         """Drop candles of one granularity older than ``keep_s`` before each product's newest one.
 
@@ -470,10 +497,29 @@ class Store:
         """Store new predictions; one already made for the same product, model and candle is kept."""
         with self._transaction() as db:
             cur = db.executemany(
-                "INSERT OR IGNORE INTO predictions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT OR IGNORE INTO predictions VALUES ({', '.join('?' * len(fields(PredictionRow)))})",
                 [astuple(r) for r in rows],
             )
         return cur.rowcount
+
+    # -- calibrations -----------------------------------------------------------------------------
+
+    def save_calibration(self, c: Calibration) -> None:
+        """The newest calibration of a product at a horizon (it replaces the one before)."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO calibrations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (c.product, c.granularity, c.version, c.method, c.calibrated_at, c.through, c.rows, c.first,
+                 c.last, json.dumps(c.quantiles) if c.quantiles is not None else None, c.reason),
+            )  # fmt: skip
+
+    def calibrations(self) -> list[Calibration]:
+        rows = self._db.execute(
+            "SELECT product, granularity, version, method, calibrated_at, through, rows, first_start,"
+            " last_start, quantiles, reason FROM calibrations ORDER BY product, granularity"
+        )
+        return [Calibration(p, g, v, m, at, through, n, first, last, json.loads(q) if q else None, reason)
+                for p, g, v, m, at, through, n, first, last, q, reason in rows]  # fmt: skip
 
     def predictions(
         self,

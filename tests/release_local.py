@@ -28,7 +28,8 @@ from typing import Any
 
 import httpx
 
-from tests.conftest import DATASETS, LIVE_MARKET_ARGS, REPO, free_port, replay_process
+from appliance.registry import ANY_PRODUCT
+from tests.conftest import DATASETS, ETH_1H, LIVE_MARKET_ARGS, REPO, free_port, replay_process
 from tests.dockerenv import (
     DockerError,
     appliance_env,
@@ -162,6 +163,17 @@ class Served:
     predictions: dict[str, dict[str, Any]]  # product -> its newest cnn prediction
 
 
+#: The product the image's pooled set (registry product '*') is checked on: ETH-USD's real candles
+#: under a name with no version of its own.
+UNSEEN = "SOL-USD"
+MARKET = [*LIVE_MARKET_ARGS, "--candles", f"{UNSEEN}={ETH_1H}"]
+
+
+def served_as(product: str) -> str:
+    """The product a registry entry is seen serving: itself, or for the pooled set the unseen one."""
+    return UNSEEN if product == ANY_PRODUCT else product
+
+
 @contextlib.contextmanager
 def pulled(machine: Machine, image: dict[str, Any]) -> Iterator[str]:
     """The pushed image, by digest, pulled afresh (its local tags removed first); removed again at exit."""
@@ -182,15 +194,17 @@ def serve(machine: Machine, image: dict[str, Any], timeout: float = 180) -> Serv
         registry = json.loads(probe.stdout)
         http_port = free_port()
         url = f"http://127.0.0.1:{http_port}"
+        products = {"CRYPTOPI_PRODUCTS": ",".join(served_as(p) for p in registry)}
         with (
-            replay_process(LIVE_MARKET_ARGS) as replay_port,
-            container(machine.host, ref, env=appliance_env(http_port, replay_port)) as cid,
+            replay_process(MARKET) as replay_port,
+            container(machine.host, ref, env=appliance_env(http_port, replay_port) | products) as cid,
         ):
             try:
                 wait_healthy(machine.host, cid, timeout=timeout)
                 predictions = {}
                 for product in registry:
-                    predictions[product] = wait_for_version(url, product, registry[product]["3600"], timeout)
+                    seen = served_as(product)
+                    predictions[seen] = wait_for_version(url, seen, registry[product]["3600"], timeout)
                 health = httpx.get(f"{url}/health", timeout=10).json()
             except (AssertionError, DockerError, httpx.HTTPError) as exc:
                 raise AssertionError(
@@ -243,10 +257,9 @@ def check_served(served: Served, image: dict[str, Any]) -> list[str]:
     if served.build != image["build"]:
         failures.append(f"/health says build {served.build}, the release built {image['build']}")
     for product, by_granularity in image["serves"].items():
-        if served.versions.get(product) != by_granularity["3600"]:
-            failures.append(
-                f"{product} is served by {served.versions.get(product)}, not {by_granularity['3600']}"
-            )
+        seen = served_as(product)
+        if served.versions.get(seen) != by_granularity["3600"]:
+            failures.append(f"{seen} is served by {served.versions.get(seen)}, not {by_granularity['3600']}")
     return failures
 
 

@@ -126,6 +126,11 @@ def test_chart_shows_past_predictions_and_bands_against_the_closes(
             scored = int(mae.locator(".sub").inner_text().removeprefix("n = "))
             muted = "few" in (mae.get_attribute("class") or "")
             assert muted == (scored < 24), f"{scored} scored predictions, muted: {muted}"
+            # Its own version (not the pooled set), and how its intervals were calibrated.
+            meta = horizon.locator(".meta").inner_text()
+            assert "(pooled)" not in meta
+            assert meta.endswith(" · intervals calibrated in training"), meta
+            assert page.locator(f'.card[data-product="{product}"] .unit').inner_text() == "USD"  # the quote
         assert page.locator('.card[data-product="BTC-USD"] .fresh').inner_text().startswith("updated")
         assert visit.overflow() <= 0, f"horizontal scroll at {width} px"
         page.screenshot(path=str(tmp_path / f"dashboard-{width}.png"), full_page=True)

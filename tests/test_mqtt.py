@@ -2,12 +2,16 @@
 
 import json
 import re
+from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Literal
 
 import pytest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from appliance.mqtt import Discovery, MqttPublisher, horizon, quote_currency
+from appliance.api.schemas import PredictionResult
+from appliance.candles import quote_currency
+from appliance.mqtt import Discovery, MqttPublisher, horizon, prediction_payload
 from appliance.predictions import PredictionRow
 from appliance.settings import Settings
 from tests.conftest import Broker, MqttWatcher
@@ -211,6 +215,23 @@ def test_units_come_from_the_quote_currency() -> None:
         "USDC",
         "BTC",
     ]
+
+
+def test_prices_say_their_quote_currency_and_how_the_intervals_were_calibrated() -> None:
+    """MQTT's payload and the API's answer of the same prediction: BTC-EUR is in EUR; a pooled set's
+    device-calibrated prediction says so, with when."""
+    own = row("BTC-EUR", "cnn", 7200, 60_000.0)
+    pooled = replace(row("DOGE-EUR", "cnn", 7200, 0.2), model_version="pooled-3600s-x", calibration="device",
+                     calibrated_at=1_800_000_000.0)  # fmt: skip
+    assert prediction_payload(own)["currency"] == PredictionResult.of(own, 0.8, 1.0, None).currency == "EUR"
+    sent, answered = prediction_payload(pooled), PredictionResult.of(pooled, 0.8, 1.0, None)
+    assert (sent["pooled"], sent["calibration"], sent["calibrated_at"]) == (True, "device", 1_800_000_000.0)
+    assert (answered.pooled, answered.calibration.method) == (True, "device")
+    assert answered.calibration.calibrated_at == datetime.fromtimestamp(1_800_000_000, UTC)
+    assert (prediction_payload(own)["pooled"], PredictionResult.of(own, 0.8, 1.0, None).pooled) == (
+        False,
+        False,
+    )
 
 
 def test_the_dashboard_url_is_a_setting_with_a_default_from_the_http_settings(tmp_path) -> None:

@@ -33,6 +33,7 @@ from tests.release_local import (
     registry_tags,
     release,
     serve,
+    served_as,
 )
 
 MODELS = Path("appliance/models")
@@ -83,10 +84,11 @@ def test_release_pushes_every_tag_with_the_digest_it_reports(first: Outcome, mac
     assert image["digest"].startswith("sha256:")
     assert image["build"] == f"{VERSION}-1+{sha[:12]}"
     assert image["platforms"] == ["linux/amd64"]
-    # Both products' new hourly versions passed the gate and are what the image serves, beside the
-    # shipped 15-minute ones; their cards were collected; the repository's own registry is untouched.
+    # Both products' and the pooled set's new hourly versions passed the gate and are what the image
+    # serves, beside the shipped 15-minute ones; their cards were collected; the repository's own
+    # registry is untouched.
     new = new_versions(first)
-    assert set(new) == {("BTC-USD", 3600), ("ETH-USD", 3600)}
+    assert set(new) == {("BTC-USD", 3600), ("ETH-USD", 3600), ("*", 3600)}  # and the pooled set
     assert all(v["promoted"] for v in first.report["models"]["versions"])
     shipped = latest_versions(SHIPPED)
     assert image["serves"] == {
@@ -104,7 +106,7 @@ def test_the_pushed_image_serves_the_new_versions(first: Outcome, machine: Machi
     image = first.report["image"]
     served = serve(machine, image)
     assert check_served(served, image) == []
-    assert served.versions == {p: v for (p, g), v in new_versions(first).items() if g == 3600}
+    assert served.versions == {served_as(p): v for (p, g), v in new_versions(first).items() if g == 3600}
     for prediction in served.predictions.values():
         assert (
             prediction["interval"]["lower"] < prediction["predicted_close"] < prediction["interval"]["upper"]
@@ -158,7 +160,9 @@ def test_a_second_release_on_the_same_data_gives_the_same_metrics(
 
 @pytest.mark.timeout(600)
 def test_a_refusing_gate_builds_and_pushes_nothing(machine: Machine, tmp_path: Path) -> None:
-    strict = toml_file(tmp_path / "strict.toml", SMALL | {"products": ["BTC-USD"], "gate_margin": -0.5})
+    strict = toml_file(
+        tmp_path / "strict.toml", SMALL | {"products": ["BTC-USD"], "pooled": [], "gate_margin": -0.5}
+    )
     refused = release(machine, tmp_path, strict, repository="cryptopi/refused")
     assert refused.status == 3, refused.output[-5000:]
     assert (
@@ -182,6 +186,7 @@ def test_a_refusing_gate_builds_and_pushes_nothing(machine: Machine, tmp_path: P
         ({"gate_p": 0.01}, [], "gate_p"),
         ({"granularities": [3600, 120]}, [], "granularities"),
         ({"products": ["btc-usd"]}, [], "products"),
+        ({"pooled": ["BTC-USD"]}, [], "two or more products"),
         ({"holdout_days": 90}, [], "the hold-out would begin before history_start"),
         ({"horizons": [3600]}, [], "horizons"),  # an unknown key
         ({}, ["--builder", "classic", "--platform", "linux/arm64"], "need --builder buildx"),

@@ -34,7 +34,8 @@ COLUMNS = {  # every column, named: the upgrade may reorder a table's key, never
     "trade_candles": "product, granularity, start, open, high, low, close, volume_e8, trades",
     "history_candles": "product, granularity, start, open, high, low, close, volume, source",
     "ingest_state": "product, first_trade_id, last_trade_id, last_trade_time_us, first_trade_time_us",
-    "predictions": "*",
+    "predictions": "product, model, as_of, model_version, granularity, target_time, last_close,"
+    " predicted_close, lower_80, upper_80, lower_95, upper_95, created_at, realized_close",
 }
 
 
@@ -93,6 +94,9 @@ def test_a_store_of_an_earlier_release_upgrades_in_place_with_its_data(previous:
             r[2] for r in quarters_of(minutes) if r[0] == "BTC-USD"
         } - {max(r[2] for r in quarters_of(minutes) if r[0] == "BTC-USD")}  # the newest is still open
         assert any(p.realized_close for p in store.predictions("ETH-USD"))
+        # Made before calibrations were recorded: with their version's own quantiles from training.
+        made = store.predictions("BTC-USD")
+        assert {(p.calibration, p.calibrated_at) for p in made} == {("training", None)}
     after = contents(previous)
     # Every row kept; the 15-minute trade candles are the minutes' sums (schema 2 had none; schema 3's
     # were built by ingest from the same trades, so they come out the same).

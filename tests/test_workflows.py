@@ -203,6 +203,29 @@ def test_cd_publishes_only_what_was_tested_and_passed_the_gate() -> None:
     assert image.context == Path(), "the checkout, with the downloaded registry, is what is built"
 
 
+def test_cd_trains_the_pooled_set_on_ten_usd_products_and_btc_and_eth_their_own() -> None:
+    """What CD's release trains, as training's own parser reads each run: BTC-USD's and ETH-USD's own
+    versions and, at each horizon, one pooled set (product '*') over the configured ten."""
+    _, models = release_calls(load(CD))["models"]
+    cfg = load_config(REPO / models.config)
+    assert cfg.products == ("BTC-USD", "ETH-USD")
+    assert len(cfg.pooled) == 10
+    assert {"BTC-USD", "ETH-USD"} <= set(cfg.pooled)
+    assert all(p.endswith("-USD") for p in cfg.pooled)
+    assert set(cfg.backfilled) == set(cfg.pooled)  # each back-filled once
+    store, registry = Path("work/candles.sqlite3"), Path("appliance/models")
+    runs = cfg.training_runs(store, registry, end=1_800_000_000)
+    parsed = {(r.product, r.granularity): training_parser().parse_args(r.argv) for r in runs}
+    assert parsed.keys() == {(p, g) for p in ("BTC-USD", "ETH-USD", "*") for g in (3600, 900)}
+    for (product, g), args in parsed.items():
+        assert (args.command, args.granularity, args.out, args.tiny) == ("train", g, registry, False)
+        if product == "*":
+            assert (args.data, args.product) == (None, None)
+            assert args.pooled == [(p, store) for p in cfg.pooled]
+        else:
+            assert (args.data, args.product, args.pooled) == (store, product, [])
+
+
 def test_cd_pushes_one_multi_arch_image_tagged_version_sha_and_latest() -> None:
     cd = load(CD)
     step, image = release_calls(cd)["image"]

@@ -11,8 +11,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from appliance.calibration import LEVELS
+from appliance.candles import quote_currency
 from training.data import iso
-from training.evaluate import LEVELS, bounds
+from training.evaluate import bounds
 from training.models import Shrunk
 
 if TYPE_CHECKING:
@@ -54,8 +56,11 @@ def table(scores: dict[str, dict[str, float | None]], columns: list[tuple[str, s
     return "\n".join(lines)
 
 
-def write_card(folder: Path, product: str, s: Scored) -> None:
-    test, g = s.test, s.test.granularity
+def write_card(folder: Path, title: str, s: Scored) -> None:
+    """``title``: the product, or what a pooled set was trained on. A pooled set's plots show its
+    first product, in that product's prices."""
+    product, test = next(iter(s.tests.items()), (title, s.test))
+    g = test.granularity
     predictions = {name: m.predict(test.X) for name, m in s.models.items()}
     sigma = s.volatility.sigma(test.X)
     times = (test.start + 2 * g).astype("datetime64[s]")  # when each predicted candle closes
@@ -82,7 +87,7 @@ def write_card(folder: Path, product: str, s: Scored) -> None:
     for name, m in predictions.items():
         errors = test.close * np.exp(m) - test.target
         ax.hist(errors, bins=80, histtype="step", label=f"{name} (MAE {np.mean(np.abs(errors)):,.0f})")
-    ax.set_title(f"{product}: hold-out errors (USD)")
+    ax.set_title(f"{product}: hold-out errors ({quote_currency(product)})")
     ax.legend()
     fig.tight_layout()
     fig.savefig(folder / "residuals.png", dpi=90)
@@ -133,9 +138,19 @@ def write_card(folder: Path, product: str, s: Scored) -> None:
     )
     shrink = ", ".join(f"{name} {m.factor:.2f}" for name, m in s.models.items() if isinstance(m, Shrunk))
     vol = s.volatility.params
-    (folder / "MODEL_CARD.md").write_text(f"""# {product} next-candle models
+    pooled = "".join(f"\n### {p}\n\n{table(m)}\n" for p, m in s.by_product.items())
+    if pooled:
+        pooled = f"""
+A pooled set serves any product without models of its own. It reads only the features that mean
+the same for every product (log ratios, returns, RSI, log variances, the calendar; not the log
+price or the volumes, which are counted in the base asset). The hold-out above is scored in units
+of each candle's last close (an MAE of 0.003 is 0.3 % of the price), so that every product counts
+alike; here is each product's own, in its own prices (the plots show {product}). On the appliance,
+a product's intervals are calibrated again from its own history (appliance/calibration.py).
+{pooled}"""
+    (folder / "MODEL_CARD.md").write_text(f"""# {title} next-candle models
 
-Trained on real Coinbase {product} candles of {g} s. The training period runs from
+Trained on real Coinbase {title} candles of {g} s. The training period runs from
 {iso(s.train.start[0]):%Y-%m-%d} to the hold-out. The hold-out covers {first:%Y-%m-%d %H:%M} →
 {last:%Y-%m-%d %H:%M} UTC ({len(test):,} predictions) and was never used for fitting, early stopping,
 choosing the regularisation or calibrating the intervals.
@@ -152,7 +167,7 @@ promotion gate refuses it.
 ## Hold-out
 
 {table(s.holdout)}
-
+{pooled}
 Interval coverage by tercile of the volatility model's sigma (1 = the calmest third of the hold-out):
 
 {table(s.holdout, TERCILES)}

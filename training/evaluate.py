@@ -10,18 +10,17 @@ volatility of the last 24 candles (what spec v1 served).
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
 
+from appliance.calibration import LEVELS, conformal_quantiles
 from appliance.features import FEATURE_NAMES
 from training.data import Dataset
 from training.models import Persistence, Predictor, VolatilityModel, fit_volatility
 
-LEVELS = (0.8, 0.95)
 SCALES = ("volatility", "rv24", "constant")
 Floats = NDArray[np.float64]
 Metrics = dict[str, float | None]
@@ -47,15 +46,9 @@ def scales(ds: Dataset, sigma: Floats) -> dict[str, Floats]:
 def calibrate(ds: Dataset, predicted: Floats, sigma: Floats) -> Calibration:
     """Multipliers that cover each level on ``ds`` (split-conformal, finite-sample corrected)."""
     error = np.abs(ds.log_return - predicted)
-    n = len(error)
-    if n < 20:
-        raise ValueError(f"{n} calibration rows are too few for intervals")
-
-    def quantiles(z: Floats) -> dict[str, float]:
-        z = np.sort(z)
-        return {str(level): float(z[min(n - 1, math.ceil((n + 1) * level) - 1)]) for level in LEVELS}
-
-    return Calibration({name: quantiles(error / s) for name, s in scales(ds, sigma).items()})
+    if len(error) < 20:
+        raise ValueError(f"{len(error)} calibration rows are too few for intervals")
+    return Calibration({name: conformal_quantiles(error / s) for name, s in scales(ds, sigma).items()})
 
 
 def bounds(ds: Dataset, predicted: Floats, spread: Floats) -> tuple[Floats, Floats]:
@@ -163,13 +156,17 @@ class WalkForward:
 
 
 def walk_forward(
-    train: Dataset, fitters: Mapping[str, FitFn], folds: int = 3, calib_fraction: float = 0.15
+    train: Dataset,
+    fitters: Mapping[str, FitFn],
+    folds: int = 3,
+    calib_fraction: float = 0.15,
+    columns: Sequence[str] = FEATURE_NAMES,
 ) -> WalkForward:
     """Rolling-origin evaluation inside the training period: fit on the past, test on the next block.
 
     The last half of the period is cut into ``folds`` blocks; each fold fits the point models and
-    the volatility model on everything before its block but the tail, calibrates the intervals on
-    that tail, then is scored on the block.
+    the volatility model (on ``columns``) on everything before its block but the tail, calibrates the
+    intervals on that tail, then is scored on the block.
     """
     blocks = np.array_split(np.arange(len(train) // 2, len(train)), folds)
     scores: dict[str, list[Metrics]] = {name: [] for name in ["persistence", *fitters]}
@@ -179,7 +176,7 @@ def walk_forward(
         past = train.take(index < block[0])
         test = train.take((index >= block[0]) & (index <= block[-1]))
         fit_part, calib_part = past.tail_fraction(calib_fraction)
-        vol: VolatilityModel = fit_volatility(fit_part.X, fit_part.next_gk)
+        vol: VolatilityModel = fit_volatility(fit_part.X, fit_part.next_gk, columns=columns)
         models: dict[str, Predictor] = {"persistence": Persistence()}
         models |= {name: fit(fit_part) for name, fit in fitters.items()}
         for name, model in models.items():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -64,6 +65,14 @@ class Shrunk:
 #: What the volatility model reads besides the hour of the week (HAR-style: realized and range-based
 #: variance over 1, 6, 24 and 168 candles, and trading volume, which moves with volatility).
 VOL_INPUTS = (*(f"rv_{n}" for n in VOL_SPANS), *(f"gk_{n}" for n in VOL_SPANS), "volume", "volume_mean_24")
+#: The columns a pooled set reads: all but the levels that belong to one product, the log price and
+#: the volumes (counted in the base asset: an hour is 500 BTC, or 10^8 DOGE). What is left is log
+#: ratios, returns, RSI, log variances and the calendar, which mean the same for any product.
+SCALE_FREE = tuple(name for name in FEATURE_NAMES if name != "close" and not name.startswith("volume"))
+
+
+def _indices(columns: Sequence[str]) -> list[int]:
+    return [FEATURE_NAMES.index(name) for name in columns]
 
 
 @dataclass
@@ -73,6 +82,7 @@ class VolatilityModel:
     level does not matter, as each model's conformal multiplier absorbs it."""
 
     pipeline: Pipeline
+    inputs: tuple[str, ...] = VOL_INPUTS
     name: str = "volatility"
 
     def predict(self, X: Floats) -> Floats:
@@ -84,20 +94,23 @@ class VolatilityModel:
 
     @property
     def params(self) -> dict[str, float | int | str]:
-        return {"alpha": float(self.pipeline[-1].alpha_), "inputs": ",".join((*VOL_INPUTS, "hour_of_week"))}
+        return {"alpha": float(self.pipeline[-1].alpha_), "inputs": ",".join((*self.inputs, "hour_of_week"))}
 
 
-def fit_volatility(X: Floats, next_gk: Floats, *, folds: int = 5) -> VolatilityModel:
-    """The ridge penalty by time-series cross-validation, like the Lasso's."""
-    numeric = [FEATURE_NAMES.index(name) for name in VOL_INPUTS]
+def fit_volatility(
+    X: Floats, next_gk: Floats, *, folds: int = 5, columns: Sequence[str] = FEATURE_NAMES
+) -> VolatilityModel:
+    """The ridge penalty by time-series cross-validation, like the Lasso's; ``VOL_INPUTS`` among
+    ``columns`` only (a pooled set's leave the volumes out)."""
+    inputs = tuple(name for name in VOL_INPUTS if name in columns)
     hours = OneHotEncoder(categories=[np.arange(168.0)], handle_unknown="ignore", sparse_output=False)
-    columns = ColumnTransformer([("scaled", StandardScaler(), numeric),
-                                 ("hour_of_week", hours, [FEATURE_NAMES.index("hour_of_week")])])  # fmt: skip
+    design = ColumnTransformer([("scaled", StandardScaler(), _indices(inputs)),
+                                ("hour_of_week", hours, [FEATURE_NAMES.index("hour_of_week")])])  # fmt: skip
     pipeline = make_pipeline(
-        columns, RidgeCV(alphas=np.logspace(-2, 4, 13), cv=TimeSeriesSplit(n_splits=folds))
+        design, RidgeCV(alphas=np.logspace(-2, 4, 13), cv=TimeSeriesSplit(n_splits=folds))
     )
     pipeline.fit(X, np.log(next_gk + VAR_FLOOR))
-    return VolatilityModel(pipeline)
+    return VolatilityModel(pipeline, inputs)
 
 
 @dataclass
@@ -114,10 +127,12 @@ class LassoModel:
         return {"alpha": float(lasso.alpha_), "nonzero_coefficients": int(np.count_nonzero(lasso.coef_))}
 
 
-def fit_lasso(X: Floats, r: Floats, *, folds: int = 5) -> LassoModel:
-    """Regularisation by time-series cross-validation (expanding windows, never the future)."""
+def fit_lasso(X: Floats, r: Floats, *, folds: int = 5, columns: Sequence[str] = FEATURE_NAMES) -> LassoModel:
+    """Regularisation by time-series cross-validation (expanding windows, never the future), on
+    ``columns`` (scaled) only."""
     pipeline = make_pipeline(
-        StandardScaler(), LassoCV(alphas=30, cv=TimeSeriesSplit(n_splits=folds), max_iter=20_000)
+        ColumnTransformer([("scaled", StandardScaler(), _indices(columns))]),
+        LassoCV(alphas=30, cv=TimeSeriesSplit(n_splits=folds), max_iter=20_000),
     )
     with warnings.catch_warnings():
         # The weakest penalties at the end of the path may not converge; cross-validation rejects
@@ -136,6 +151,7 @@ class CnnSettings:
     seed: int = 0
     conv_filters: int = 256
     dense_units: int = 128
+    columns: tuple[str, ...] = FEATURE_NAMES  # what it reads: the others enter as 0 once scaled
 
 
 @dataclass
@@ -149,11 +165,16 @@ class CnnModel:
     y_mean: float
     y_std: float
     epochs_run: int
+    read: Floats  # 1 for each column it reads, 0 for the others
     name: str = "cnn"
 
     def graph(self, x: Any) -> Any:
         """Raw feature rows in, log returns out: works on numpy arrays and on tf tensors alike."""
-        scaled = (x - self.x_mean.astype(np.float32)) / self.x_std.astype(np.float32)
+        scaled = (
+            (x - self.x_mean.astype(np.float32))
+            / self.x_std.astype(np.float32)
+            * self.read.astype(np.float32)
+        )
         return self.core(scaled, training=False) * np.float32(self.y_std) + np.float32(self.y_mean)
 
     def predict(self, X: Floats) -> Floats:
@@ -174,6 +195,7 @@ def fit_cnn(X_fit: Floats, r_fit: Floats, X_val: Floats, r_val: Floats, settings
 
     keras.utils.set_random_seed(settings.seed)
     tf.config.experimental.enable_op_determinism()
+    read = np.isin(FEATURE_NAMES, settings.columns).astype(np.float64)
     x_mean, x_std = X_fit.mean(axis=0), np.maximum(X_fit.std(axis=0), 1e-12)
     y_mean, y_std = float(r_fit.mean()), float(r_fit.std())
     n = X_fit.shape[1]
@@ -190,15 +212,15 @@ def fit_cnn(X_fit: Floats, r_fit: Floats, X_val: Floats, r_val: Floats, settings
     stop = keras.callbacks.EarlyStopping(patience=settings.patience, restore_best_weights=True)
     started = time.monotonic()
     history = core.fit(
-        ((X_fit - x_mean) / x_std).astype(np.float32), ((r_fit - y_mean) / y_std).astype(np.float32),
-        validation_data=(((X_val - x_mean) / x_std).astype(np.float32),
+        ((X_fit - x_mean) / x_std * read).astype(np.float32), ((r_fit - y_mean) / y_std).astype(np.float32),
+        validation_data=(((X_val - x_mean) / x_std * read).astype(np.float32),
                          ((r_val - y_mean) / y_std).astype(np.float32)),
         epochs=settings.epochs, batch_size=settings.batch_size, shuffle=True,
         callbacks=[stop, _epoch_log_class()(settings.epochs)], verbose=0,
     )  # fmt: skip
     epochs_run = len(history.history["loss"])
     log.info("cnn trained", extra={"epochs": epochs_run, "seconds": round(time.monotonic() - started, 1)})
-    return CnnModel(core, x_mean, x_std, y_mean, y_std, epochs_run)
+    return CnnModel(core, x_mean, x_std, y_mean, y_std, epochs_run, read)
 
 
 def _epoch_log_class() -> type:

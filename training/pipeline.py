@@ -12,8 +12,11 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
+
 from appliance.features import FEATURE_NAMES, SPEC_HASH, SPEC_NAME
 from appliance.registry import (
+    ANY_PRODUCT,
     FeatureSpecRef,
     IntervalCalibration,
     Manifest,
@@ -25,10 +28,11 @@ from appliance.registry import (
 )
 from training import GATE_MARGIN, GATE_P
 from training.card import write_card
-from training.data import Dataset, build_dataset, iso, load_candles
+from training.data import Dataset, build_dataset, iso, load_candles, pool
 from training.evaluate import Calibration, Metrics, calibrate, choose_shrink, evaluate, walk_forward
 from training.export import OnnxPredictor, export, quantize_int8
 from training.models import (
+    SCALE_FREE,
     CnnSettings,
     Persistence,
     Predictor,
@@ -45,7 +49,11 @@ HOLDOUT_START = int(datetime(2025, 11, 1, tzinfo=UTC).timestamp())
 
 @dataclass(frozen=True)
 class TrainConfig:
-    data: Path
+    """What to train. One product's version: ``data`` (a candle CSV or a cryptopi store) and its
+    ``product``. A pooled version, which serves any product without a version of its own:
+    ``product=ANY_PRODUCT`` and ``pool``, the products it learns from, each with its candles."""
+
+    data: Path | None
     product: str
     granularity: int = 3600
     holdout_start: int = HOLDOUT_START
@@ -57,6 +65,27 @@ class TrainConfig:
     gate_p: float = GATE_P  # ... and not significantly worse (one-sided Diebold-Mariano p below this)
     quantize: bool = True  # serve the CNN as int8 weights ...
     quant_tolerance: float = 0.001  # ... if its hold-out MAE is at most this much (relative) worse
+    pool: tuple[tuple[str, Path], ...] = ()  # a pooled version's (product, candles) pairs
+
+    def __post_init__(self) -> None:
+        if self.pooled != bool(self.pool) or (self.data is None) != self.pooled:
+            raise ValueError(
+                f"a pooled version ({ANY_PRODUCT}) has a pool and no data; a product's, data only"
+            )
+
+    @property
+    def pooled(self) -> bool:
+        return self.product == ANY_PRODUCT
+
+    @property
+    def sources(self) -> tuple[tuple[str, Path], ...]:
+        """The (product, candles) pairs trained on."""
+        return ((self.product, self.data),) if self.data is not None else self.pool
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The features the models read: a pooled set only those that mean the same for any product."""
+        return SCALE_FREE if self.pooled else FEATURE_NAMES
 
 
 @dataclass
@@ -73,11 +102,27 @@ class Scored:
     calib: Dataset  # the tail of ``train`` that calibrates the intervals (nothing is fitted on it)
     test: Dataset
     seconds: dict[str, float]
+    #: A pooled set's hold-out per product, in that product's own prices (``test`` is in relative
+    #: units), and each product's scores there; empty for one product's version.
+    tests: dict[str, Dataset] = field(default_factory=dict)
+    by_product: dict[str, dict[str, Metrics]] = field(default_factory=dict)
+
+
+def load_dataset(cfg: TrainConfig) -> tuple[Dataset, dict[str, Dataset]]:
+    """The rows trained and scored on (a pooled set's in relative units: see ``Dataset.relative``),
+    and for a pooled set each product's own rows, in its own prices."""
+    parts = {}
+    for product, path in cfg.sources:
+        series = load_candles(path, product, cfg.granularity)
+        parts[product] = build_dataset(series, product)
+        log.info("candles", extra={"product": product, "granularity": cfg.granularity,
+                                   "candles": len(series), "rows": len(parts[product])})  # fmt: skip
+    ds = pool(list(parts.values()))
+    return (ds.relative(), parts) if cfg.pooled else (ds, {})
 
 
 def fit_and_score(cfg: TrainConfig) -> Scored:
-    series = load_candles(cfg.data, cfg.product, cfg.granularity)
-    ds = build_dataset(series)
+    ds, parts = load_dataset(cfg)
     train, test = ds.split_at(cfg.holdout_start)
     if len(train) < 200 or len(test) < 20:
         raise ValueError(f"too little data: {len(train)} training rows, {len(test)} hold-out rows")
@@ -85,27 +130,28 @@ def fit_and_score(cfg: TrainConfig) -> Scored:
         "dataset",
         extra={
             "product": cfg.product,
+            "products": ",".join(p for p, _ in cfg.sources),
             "granularity": cfg.granularity,
-            "candles": len(series),
             "rows_train": len(train),
             "rows_holdout": len(test),
             "first": iso(train.start[0]).isoformat(),
             "holdout_from": iso(cfg.holdout_start).isoformat(),
         },
     )
+    columns = cfg.columns
 
     def lasso(part: Dataset) -> Predictor:
-        return fit_lasso(part.X, part.log_return)
+        return fit_lasso(part.X, part.log_return, columns=columns)
 
     def cnn(part: Dataset) -> Predictor:
         fit, val = part.tail_fraction(cfg.val_fraction)
-        return fit_cnn(fit.X, fit.log_return, val.X, val.log_return, cfg.cnn)
+        return fit_cnn(fit.X, fit.log_return, val.X, val.log_return, replace(cfg.cnn, columns=columns))
 
     fitters = {"lasso": lasso, "cnn": cnn}
     fit_part, calib_part = train.tail_fraction(cfg.calib_fraction)
     seconds: dict[str, float] = {}
     started = time.monotonic()
-    volatility = fit_volatility(fit_part.X, fit_part.next_gk)
+    volatility = fit_volatility(fit_part.X, fit_part.next_gk, columns=columns)
     seconds["volatility"] = time.monotonic() - started
     fitted: dict[str, Predictor] = {}
     for name, fit in fitters.items():
@@ -115,47 +161,86 @@ def fit_and_score(cfg: TrainConfig) -> Scored:
         seconds[name] = time.monotonic() - started
     started = time.monotonic()
     log.info("walk-forward evaluation", extra={"folds": cfg.walk_forward_folds})
-    folds = walk_forward(train, fitters, cfg.walk_forward_folds, cfg.calib_fraction)
+    folds = walk_forward(train, fitters, cfg.walk_forward_folds, cfg.calib_fraction, columns)
     seconds["walk_forward"] = time.monotonic() - started
-    # Shrinkage from the walk-forward's out-of-sample predictions: the training period only.
+    # Shrinkage from the walk-forward's out-of-sample predictions: the training period only. A pooled
+    # set keeps a signal only as far as it holds on every product it learns from and in every block
+    # of the walk-forward (the smallest factor): serving products it never saw, into a future that
+    # may not look like one stretch of the past, it has no business betting on an edge that one
+    # product or one stretch of time shows and the others do not.
     rows = folds.rows
+    subsets = {"all": np.ones(len(rows), dtype=bool)}
+    if cfg.pool:
+        blocks = np.zeros(len(rows), dtype=int)
+        for i, block in enumerate(np.array_split(np.arange(len(rows)), cfg.walk_forward_folds)):
+            blocks[block] = i
+        products = dict.fromkeys(rows.product.tolist())
+        subsets = {
+            f"{p}.{b}": (rows.product == p) & (blocks == b)
+            for p in products
+            for b in range(cfg.walk_forward_folds)
+        }
     models: dict[str, Predictor] = {"persistence": Persistence()}
     for name, model in fitted.items():
-        factor = choose_shrink(rows.close, rows.target, folds.predicted[name])
-        log.info("shrinkage toward persistence", extra={"model": name, "factor": factor})
+        factors = {
+            key: choose_shrink(rows.close[mine], rows.target[mine], folds.predicted[name][mine])
+            for key, mine in subsets.items()
+        }
+        factor = min(factors.values())
+        log.info("shrinkage toward persistence", extra={"model": name, "factor": factor} | factors)
         models[name] = Shrunk(name, model, factor)
-    return rescore(Scored({}, volatility, {}, {}, folds.scores, train, calib_part, test, seconds), models)
+    tests = {p: d.split_at(cfg.holdout_start)[1] for p, d in parts.items()}
+    scored = Scored({}, volatility, {}, {}, folds.scores, train, calib_part, test, seconds, tests)
+    return rescore(scored, models)
 
 
 def rescore(scored: Scored, models: dict[str, Predictor]) -> Scored:
     """Calibrate ``models`` on the calibration rows and score them on the hold-out (replacing any
-    earlier scores of the same names)."""
+    earlier scores of the same names), and on each pooled product's hold-out."""
     calib, test, vol = scored.calib, scored.test, scored.volatility
     calibration = {
         name: calibrate(calib, m.predict(calib.X), vol.sigma(calib.X)) for name, m in models.items()
     }
-    holdout = {name: evaluate(test, m.predict(test.X), vol.sigma(test.X), calibration[name])
-               for name, m in models.items()}  # fmt: skip
+
+    def scores(part: Dataset) -> dict[str, Metrics]:
+        sigma = vol.sigma(part.X)
+        return {
+            name: evaluate(part, m.predict(part.X), sigma, calibration[name]) for name, m in models.items()
+        }
+
+    by_product = {p: scored.by_product.get(p, {}) | scores(part) for p, part in scored.tests.items()}
     return replace(scored, models=scored.models | models, calibration=scored.calibration | calibration,
-                   holdout=scored.holdout | holdout)  # fmt: skip
+                   holdout=scored.holdout | scores(test), by_product=by_product)  # fmt: skip
 
 
-def gate(holdout: dict[str, Metrics], margin: float, p: float) -> tuple[bool, str]:
+def gate(holdout: dict[str, Metrics], margin: float, p: float, of: str = "") -> tuple[bool, str]:
     """Promote only if every served model's hold-out MAE is within ``margin`` of persistence's (or
-    better) and no model is significantly worse (one-sided Diebold-Mariano p-value below ``p``)."""
+    better) and no model is significantly worse (one-sided Diebold-Mariano p-value below ``p``).
+    ``of``: whose hold-out it is, to name in the reasons (a pooled set is gated on each product's)."""
     failures = []
     for name, m in holdout.items():
         skill, dm_p = m["skill_vs_persistence"], m["dm_p"]
         if name == "persistence" or skill is None:
             continue
         if skill < -margin:
-            failures.append(f"{name} MAE skill {skill:+.2%} is below -{margin:.1%}")
+            failures.append(f"{of}{name} MAE skill {skill:+.2%} is below -{margin:.1%}")
         if dm_p is not None and dm_p < p:
             failures.append(
-                f"{name} is significantly worse than persistence (Diebold-Mariano p = {dm_p:.3g})"
+                f"{of}{name} is significantly worse than persistence (Diebold-Mariano p = {dm_p:.3g})"
             )
     passed = f"every model's MAE within {margin:.1%} of persistence's, none significantly worse (p >= {p})"
     return not failures, "; ".join(failures) or passed
+
+
+def gate_all(scored: Scored, cfg: TrainConfig) -> tuple[bool, str]:
+    """The gate on the hold-out; a pooled set's also on each product's own, so that pooling never
+    hides a product it serves worse than persistence."""
+    verdicts = [gate(scored.holdout, cfg.gate_margin, cfg.gate_p)]
+    verdicts += [gate(m, cfg.gate_margin, cfg.gate_p, f"{p}: ") for p, m in scored.by_product.items()]
+    failed = [reason for passed, reason in verdicts if not passed]
+    return not failed, "; ".join(failed) or verdicts[0][1] + (
+        " (pooled and per product)" if cfg.pooled else ""
+    )
 
 
 @dataclass(frozen=True)
@@ -211,7 +296,7 @@ def register(cfg: TrainConfig, scored: Scored, out: Path, *, force: bool = False
         if cfg.quantize:
             scored, info = serve_quantized(cfg, scored, exports["cnn"].path)
             params["cnn"] |= info
-        passed, reason = gate(scored.holdout, cfg.gate_margin, cfg.gate_p)  # on what will be served
+        passed, reason = gate_all(scored, cfg)  # on what will be served
 
         def entry(name: str) -> ModelEntry:
             model, exported = scored.models[name], exports.get(name)
@@ -222,7 +307,8 @@ def register(cfg: TrainConfig, scored: Scored, out: Path, *, force: bool = False
                 input_name=exported.input_name if exported else None,
                 output_name=exported.output_name if exported else None,
                 shrink=shrink, intervals=IntervalCalibration(quantiles=scored.calibration[name].served),
-                metrics={"holdout": scored.holdout[name], "walk_forward": scored.walk_forward[name]},
+                metrics={"holdout": scored.holdout[name], "walk_forward": scored.walk_forward[name]}
+                        | {f"holdout:{p}": m[name] for p, m in scored.by_product.items()},
                 params=params.get(name, {}),
             )  # fmt: skip
 
@@ -233,16 +319,19 @@ def register(cfg: TrainConfig, scored: Scored, out: Path, *, force: bool = False
                      for part, m in (("holdout", scored.holdout), ("walk_forward", scored.walk_forward))},
             params=scored.volatility.params | {"fit_seconds": round(scored.seconds["volatility"], 1)},
         )  # fmt: skip
-        write_card(folder, cfg.product, scored)
+        products = [p for p, _ in cfg.sources]
+        write_card(folder, f"pooled ({', '.join(products)})" if cfg.pooled else cfg.product, scored)
         files = {p.name: sha256_of(p) for p in sorted(folder.iterdir())}
         digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:8]
-        version = f"{cfg.product}-{cfg.granularity}s-{created:%Y%m%dT%H%MZ}-{digest}".lower()
+        name = "pooled" if cfg.pooled else cfg.product
+        version = f"{name}-{cfg.granularity}s-{created:%Y%m%dT%H%MZ}-{digest}".lower()
         manifest = Manifest(
             version=version, created_at=created, product=cfg.product, granularity=cfg.granularity,
             feature_spec=FeatureSpecRef(name=SPEC_NAME, hash=SPEC_HASH, names=list(FEATURE_NAMES)),
             models=entries, volatility=volatility,
             training_data=TrainingData(
-                source=cfg.data.name, first_candle=iso(scored.train.start[0]),
+                source=",".join(dict.fromkeys(path.name for _, path in cfg.sources)), products=products,
+                first_candle=iso(scored.train.start[0]),
                 last_candle=iso(scored.test.start[-1] + cfg.granularity),
                 holdout_start=iso(cfg.holdout_start),
                 rows_train=len(scored.train), rows_holdout=len(scored.test),

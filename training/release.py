@@ -35,7 +35,7 @@ from appliance.coinbase.rest import CoinbaseRest, CoinbaseRestError
 from appliance.helpers.cli import cli_time
 from appliance.helpers.config import check_url
 from appliance.history import backfill as load
-from appliance.registry import Manifest, latest_versions, load_version
+from appliance.registry import ANY_PRODUCT, Manifest, latest_versions, load_version
 from appliance.settings import Settings
 from appliance.store import Store
 from training import EXIT_GATE_REFUSED, GATE_MARGIN, GATE_P
@@ -85,7 +85,10 @@ class ReleaseConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    products: tuple[str, ...] = Field(min_length=1)
+    products: tuple[str, ...] = Field(min_length=1, description="each gets a version of its own")
+    pooled: tuple[str, ...] = Field(
+        (), description="the pooled set's products (one version under '*', serving any other); empty: none"
+    )
     granularities: tuple[int, ...] = Field(min_length=1, description="candle lengths (s): the horizons")
     history_start: int = Field(description="first candle back-filled and trained on")
     history_end: int | None = Field(None, description="back-fill up to here (exclusive); unset: now")
@@ -98,7 +101,7 @@ class ReleaseConfig(BaseModel):
 
     _times = field_validator("history_start", "history_end", mode="before")(_epoch)
 
-    @field_validator("products")
+    @field_validator("products", "pooled")
     @classmethod
     def _check_products(cls, products: tuple[str, ...]) -> tuple[str, ...]:
         bad = [p for p in products if not re.fullmatch(PRODUCT_PATTERN, p)]
@@ -107,6 +110,13 @@ class ReleaseConfig(BaseModel):
                 f"products must be distinct Coinbase product ids such as BTC-USD, got {bad or products}"
             )
         return products
+
+    @field_validator("pooled")
+    @classmethod
+    def _check_pool(cls, pooled: tuple[str, ...]) -> tuple[str, ...]:
+        if len(pooled) == 1:
+            raise ValueError("a pooled set learns from two or more products (or none: leave it empty)")
+        return pooled
 
     @field_validator("granularities")
     @classmethod
@@ -122,27 +132,38 @@ class ReleaseConfig(BaseModel):
             raise ValueError("the hold-out would begin before history_start: nothing left to train on")
         return self
 
+    @property
+    def backfilled(self) -> tuple[str, ...]:
+        """Every product a release back-fills: its own versions' and the pooled set's, each once."""
+        return tuple(dict.fromkeys((*self.products, *self.pooled)))
+
     def holdout_start(self, end: int) -> int:
         """Midnight UTC ``holdout_days`` before ``end``: the hold-out's first candle."""
         start = end - self.holdout_days * DAY
         return start - start % DAY
 
     def training_runs(self, store: Path, registry: Path, end: int) -> list[TrainingRun]:
-        """The release's training runs: every product at every granularity, trained from ``store``.
-
-        A pooled set (one version under product ``*`` over a list of products, issue #12) is one more
-        entry here, with a field of its own above, once training has a command for it.
-        """
+        """The release's training runs, all from ``store``: every product at every granularity, then
+        at each granularity the pooled set (product ``*``) over ``pooled``, if any."""
         common = [
-            "--data", str(store), "--out", str(registry), "--holdout-start", str(self.holdout_start(end)),
+            "--out", str(registry), "--holdout-start", str(self.holdout_start(end)),
             "--folds", str(self.folds), "--gate-margin", repr(self.gate_margin),
             "--gate-p", repr(self.gate_p), *(["--tiny"] if self.cnn == "tiny" else []),
         ]  # fmt: skip
-        return [
-            TrainingRun(product, g, ["train", "--product", product, "--granularity", str(g), *common])
-            for g in self.granularities
-            for product in self.products
-        ]
+        runs = []
+        for g in self.granularities:
+            runs += [
+                TrainingRun(
+                    product,
+                    g,
+                    ["train", "--data", str(store), "--product", product, "--granularity", str(g), *common],
+                )
+                for product in self.products
+            ]
+            if self.pooled:
+                pool = [a for p in self.pooled for a in ("--pooled", f"{p}={store}")]
+                runs.append(TrainingRun(ANY_PRODUCT, g, ["train", *pool, "--granularity", str(g), *common]))
+        return runs
 
 
 class ConfigRejected(ValueError):
@@ -173,7 +194,7 @@ def backfill(cfg: ReleaseConfig, url: str, store_path: Path, end: int) -> None:
     async def main(store: Store) -> None:
         async with CoinbaseRest(url) as rest:
             for granularity in cfg.granularities:
-                for product in cfg.products:
+                for product in cfg.backfilled:
                     result = await load(store, rest, product, granularity, cfg.history_start, end,
                                         progress=sys.stderr.isatty())  # fmt: skip
                     if result.rows == 0:
@@ -365,7 +386,7 @@ def run_models(
     """Back-fill, train behind the gate, collect the cards; the exit status and the report's part."""
     end = cfg.history_end if cfg.history_end is not None else int(time.time())
     registry, store, cards = args.context / MODELS, args.work / "candles.sqlite3", args.work / "model-cards"
-    log.info("back-fill", extra={"url": args.coinbase_url, "products": ",".join(cfg.products),
+    log.info("back-fill", extra={"url": args.coinbase_url, "products": ",".join(cfg.backfilled),
                                  "granularities": ",".join(map(str, cfg.granularities))})  # fmt: skip
     backfill(cfg, args.coinbase_url, store, end)
     status, new = train(cfg, train_main, store, registry, end)

@@ -8,9 +8,10 @@ from typing import Annotated, Any, Literal
 from fastapi import Path
 from pydantic import BaseModel, Field
 
-from appliance.candles import PRODUCT_PATTERN, CandleRow
+from appliance.calibration import DAY
+from appliance.candles import PRODUCT_PATTERN, CandleRow, quote_currency
 from appliance.health import Problem
-from appliance.predictions import PredictionRow
+from appliance.predictions import Calibration, PredictionRow
 
 MODEL_PATTERN = r"^[a-z0-9_]{1,32}$"
 ProductPath = Annotated[str, Path(pattern=PRODUCT_PATTERN, examples=["BTC-USD"])]
@@ -40,10 +41,28 @@ def query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
     ]
 
 
+METHODS = {
+    "training": "its own models' intervals, calibrated on its training period",
+    "device": "a pooled model set's, calibrated on this device from the product's own history",
+    "pooled": "a pooled model set's, as calibrated on the products it was trained on",
+}
+
+
+class IntervalCalibration(BaseModel):
+    method: Literal["training", "device", "pooled"] = Field(
+        description="; ".join(f"'{k}': {v}" for k, v in METHODS.items())
+    )
+    calibrated_at: datetime | None = Field(None, description="When the device calibrated them ('device')")
+    note: str | None = Field(None, description="Why 'pooled' (history too short, not calibrated yet)")
+
+
 class PredictionResult(BaseModel):
     product: str
     model: str
     model_version: str
+    pooled: bool = Field(description="Served by the pooled model set (the product has no models of its own)")
+    currency: str = Field(description="What prices are in: the product's quote currency (BTC-EUR: EUR)")
+    calibration: IntervalCalibration = Field(description="How the intervals were calibrated")
     granularity: int = Field(description="Candle length in seconds")
     as_of: datetime = Field(description="Close of the candle the prediction starts from")
     target_time: datetime = Field(description="Close of the predicted candle")
@@ -64,11 +83,18 @@ class PredictionResult(BaseModel):
         lower, upper = (row.lower_80, row.upper_80) if level == 0.8 else (row.lower_95, row.upper_95)
         return cls(
             product=row.product, model=row.model, model_version=row.model_version,
+            pooled=row.calibration != "training", currency=quote_currency(row.product),
+            calibration=IntervalCalibration(method=row.calibration, calibrated_at=utc(row.calibrated_at),
+                                            note=row.calibration_note),
             granularity=row.granularity, as_of=datetime.fromtimestamp(row.as_of, UTC),
             target_time=datetime.fromtimestamp(row.target_time, UTC), predicted_close=row.predicted_close,
             interval=Interval(lower=lower, upper=upper, level=level), last_close=row.last_close,
             data_age_s=data_age_s, realized_close=row.realized_close, stale=stale,
         )  # fmt: skip
+
+
+def utc(epoch_s: float | None) -> datetime | None:
+    return datetime.fromtimestamp(epoch_s, UTC) if epoch_s is not None else None
 
 
 class CandleOut(BaseModel):
@@ -85,11 +111,32 @@ class CandleOut(BaseModel):
                    close=r.close, volume=r.volume)  # fmt: skip
 
 
+class CalibrationHealth(IntervalCalibration):
+    candles: int | None = Field(None, description="The product's own candles the device calibrated on")
+    first: datetime | None = Field(None, description="Open time of the first and last of them")
+    last: datetime | None = None
+    next_after: datetime | None = Field(
+        None, description="Recalibrated once the market is past this (a day after its newest candle)"
+    )
+
+    @classmethod
+    def of(cls, c: Calibration) -> CalibrationHealth:
+        device = c.method == "device"
+        return cls(
+            method=c.method, calibrated_at=utc(c.calibrated_at), note=c.reason,
+            candles=c.rows if device else None, first=utc(c.first), last=utc(c.last),
+            next_after=utc(c.through + DAY) if c.through is not None else None,
+        )  # fmt: skip
+
+
 class HorizonHealth(BaseModel):
     model_version: str | None
     pooled: bool = Field(description="Served by the pooled model set (no version of this product's own)")
     models: list[str]
     prediction: Literal["ok"] | str = Field(description="'ok', or why there is no fresh prediction")
+    calibration: CalibrationHealth | None = Field(
+        description="How its intervals are calibrated (None: no models)"
+    )
 
 
 class ProductHealth(BaseModel):

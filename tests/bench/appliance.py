@@ -92,14 +92,16 @@ def onnx_times() -> dict[str, dict[str, float]]:
     return times
 
 
-async def watch_closes(ws_url: str, seconds: float) -> dict[tuple[str, int], float]:
-    """When (perf_counter) the replay broadcast each product's first trade of a new hour."""
-    closes: dict[tuple[str, int], float] = {}
-    last_hour: dict[str, int] = {}
-    async with websockets.connect(ws_url) as ws:
-        await ws.send(
-            json.dumps({"type": "subscribe", "product_ids": list(PRODUCTS), "channels": ["matches"]})
-        )
+async def watch_closes(
+    ws_url: str, seconds: float, products: Sequence[str] = PRODUCTS, granularities: Sequence[int] = (3600,)
+) -> dict[tuple[str, int, int], float]:
+    """When (perf_counter) the replay broadcast each product's first trade of a new candle, per
+    granularity: keyed (product, granularity, as_of), as_of the close of the candle that just closed."""
+    closes: dict[tuple[str, int, int], float] = {}
+    last: dict[tuple[str, int], int] = {}
+    async with websockets.connect(ws_url, max_size=None) as ws:
+        subscribe = {"type": "subscribe", "product_ids": list(products), "channels": ["matches"]}
+        await ws.send(json.dumps(subscribe))
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             try:
@@ -107,10 +109,11 @@ async def watch_closes(ws_url: str, seconds: float) -> dict[tuple[str, int], flo
             except TimeoutError:
                 continue
             if isinstance(msg, MatchMessage) and msg.type == "match":
-                hour = msg.trade().time_us // US // 3600 * 3600
-                if last_hour.get(msg.product_id, hour) < hour:
-                    closes[msg.product_id, hour] = time.perf_counter()  # candle `hour - 1h` just closed
-                last_hour[msg.product_id] = hour
+                for g in granularities:
+                    bucket = msg.trade().time_us // US // g * g
+                    if last.get((msg.product_id, g), bucket) < bucket:
+                        closes[msg.product_id, g, bucket] = time.perf_counter()
+                    last[msg.product_id, g] = bucket
     return closes
 
 
@@ -156,10 +159,12 @@ def appliance_process(
     cpus: set[int],
     timings: dict[str, object],
     device: str = "cryptopi",
+    **settings: str,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """The appliance (``command``) on ``cpus``, once every product has a prediction (times in ``timings``).
 
-    ``device``: its MQTT device id (two appliances on one broker must not share a client id).
+    ``device``: its MQTT device id (two appliances on one broker must not share a client id);
+    ``settings``: more CRYPTOPI_* variables, by field name.
     """
     data.mkdir()
     port = free_port()
@@ -168,7 +173,7 @@ def appliance_process(
         "CRYPTOPI_MQTT_URL": broker.url, "CRYPTOPI_MQTT_DEVICE_ID": device, "CRYPTOPI_LOG_LEVEL": "WARNING",
         "CRYPTOPI_COINBASE_WS_URL": f"ws://127.0.0.1:{replay_port}",
         "CRYPTOPI_COINBASE_REST_URL": f"http://127.0.0.1:{replay_port}",
-    }  # fmt: skip
+    } | {f"CRYPTOPI_{k.upper()}": v for k, v in settings.items()}  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     started = time.perf_counter()
     pin = ["taskset", "-c", ",".join(map(str, sorted(cpus)))]  # execs: the pid stays
@@ -249,11 +254,11 @@ def measure_appliance(
     """Everything but the server comparison, on the appliance as it ships: the targets' figures."""
     # Candle close -> MQTT: both the bench and the appliance subscribe to the same replay.
     watcher = MqttWatcher(broker.port, [f"cryptopi/cryptopi/{p.lower()}/1h/cnn" for p in PRODUCTS])
-    received: dict[tuple[str, int], float] = {}
+    received: dict[tuple[str, int, int], float] = {}
 
     def on_message(client: object, userdata: object, msg: object) -> None:
         body = json.loads(msg.payload)  # type: ignore[attr-defined]
-        received.setdefault((body["product"], body["as_of"]), time.perf_counter())
+        received.setdefault((body["product"], 3600, body["as_of"]), time.perf_counter())
 
     watcher.client.on_message = on_message
     closes = asyncio.run(watch_closes(f"ws://127.0.0.1:{replay_port}", 30))

@@ -5,10 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from appliance import __version__
-from appliance.api.schemas import Health, HorizonHealth, ProblemOut, ProductHealth
+from appliance.api.schemas import CalibrationHealth, Health, HorizonHealth, ProblemOut, ProductHealth
 from appliance.api.state import State
 from appliance.candles import HOUR
-from appliance.registry import ANY_PRODUCT
 
 router = APIRouter(tags=["health"])
 
@@ -28,9 +27,12 @@ async def health(state: State) -> Health:
             loaded = state.inference.serving_of(product, g)
             horizons[g] = HorizonHealth(
                 model_version=loaded.manifest.version if loaded else None,
-                pooled=bool(loaded and loaded.manifest.product == ANY_PRODUCT),
+                pooled=bool(loaded and loaded.pooled),
                 models=state.inference.models_of(product, g),
                 prediction=state.predictor.missing.get((product, g)) or "ok",
+                calibration=CalibrationHealth.of(c)
+                if (c := state.inference.calibration_of(product, g))
+                else None,
             )
         hourly = horizons.get(HOUR)
         products[product] = ProductHealth(

@@ -30,6 +30,7 @@ function card(product) {
   const node = document.getElementById("product-card").content.firstElementChild.cloneNode(true);
   node.dataset.product = product;
   node.querySelector(".product").textContent = product;
+  node.querySelector(".unit").textContent = product.split("-").pop();  // the quote currency: BTC-EUR is in EUR
   document.getElementById("products").appendChild(node);
   c = {product, node, live: null, lastData: null, horizons: new Map()};
   products.set(product, c);
@@ -136,9 +137,17 @@ function render(c, h) {
   }).join("");
   const any = newest[models[0]];
   h.node.querySelector(".meta").textContent = any
-    ? `predicting the candle closing ${utc(secs(any.target_time))} · models ${any.model_version}`
+    ? `predicting the candle closing ${utc(secs(any.target_time))} · models ${any.model_version}` +
+      `${any.pooled ? " (pooled)" : ""} · intervals ${calibrated(any.calibration)}`
     : "no prediction yet";
   draw(h);
+}
+
+// How a prediction's intervals were calibrated (the API's `calibration`).
+function calibrated(c) {
+  if (c.method === "device") return `calibrated on this device ${new Date(c.calibrated_at).toISOString().slice(0, 16).replace("T", " ")} UTC`;
+  if (c.method === "pooled") return `of the pooled set (${c.note})`;
+  return "calibrated in training";
 }
 
 // The chart: realized closes of the last candles (and the one still open), and for every model what it
