@@ -22,10 +22,10 @@ from appliance.registry import RegistryError, latest, latest_versions, load_vers
 from appliance.store import Store
 from tests.conftest import BTC_1H, BTC_15M, REPO
 from training.data import load_candles
-from training.evaluate import choose_shrink, diebold_mariano
+from training.evaluate import Scored, choose_shrink, diebold_mariano
 from training.export import export
 from training.models import CnnSettings, Shrunk, fit_lasso
-from training.pipeline import Registered, Scored, TrainConfig, fit_and_score, register, rescore
+from training.pipeline import Registered, TrainConfig, fit_and_score, register, rescore
 
 SHIPPED = REPO / "appliance" / "models"
 V1_MANIFEST = REPO / "tests" / "data" / "manifest_features_v1.json"

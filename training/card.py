@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -14,11 +13,8 @@ import numpy as np
 from appliance.calibration import LEVELS
 from appliance.candles import quote_currency
 from training.data import iso
-from training.evaluate import bounds
+from training.evaluate import Scored, bounds
 from training.models import Shrunk
-
-if TYPE_CHECKING:
-    from training.pipeline import Scored
 
 PLOT_DAYS = 14
 COLUMNS = [

@@ -11,7 +11,7 @@ volatility of the last 24 candles (what spec v1 served).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import NDArray
@@ -193,3 +193,23 @@ def walk_forward(
             )
     rows = train.take(index >= blocks[0][0])
     return WalkForward(summary, rows, {name: np.concatenate(p) for name, p in predicted.items()})
+
+
+@dataclass
+class Scored:
+    """Served models (persistence, the learned ones shrunk) with the volatility model, their
+    calibrations, and their hold-out and walk-forward scores."""
+
+    models: dict[str, Predictor]
+    volatility: VolatilityModel
+    calibration: dict[str, Calibration]
+    holdout: dict[str, Metrics]
+    walk_forward: dict[str, Metrics]
+    train: Dataset
+    calib: Dataset  # the tail of ``train`` that calibrates the intervals (nothing is fitted on it)
+    test: Dataset
+    seconds: dict[str, float]
+    #: A pooled set's hold-out per product, in that product's own prices (``test`` is in relative
+    #: units), and each product's scores there; empty for one product's version.
+    tests: dict[str, Dataset] = field(default_factory=dict)
+    by_product: dict[str, dict[str, Metrics]] = field(default_factory=dict)

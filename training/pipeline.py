@@ -29,7 +29,7 @@ from appliance.registry import (
 from training import GATE_MARGIN, GATE_P
 from training.card import write_card
 from training.data import Dataset, build_dataset, iso, load_candles, pool
-from training.evaluate import Calibration, Metrics, calibrate, choose_shrink, evaluate, walk_forward
+from training.evaluate import Metrics, Scored, calibrate, choose_shrink, evaluate, walk_forward
 from training.export import OnnxPredictor, export, quantize_int8
 from training.models import (
     SCALE_FREE,
@@ -37,7 +37,6 @@ from training.models import (
     Persistence,
     Predictor,
     Shrunk,
-    VolatilityModel,
     fit_cnn,
     fit_lasso,
     fit_volatility,
@@ -86,26 +85,6 @@ class TrainConfig:
     def columns(self) -> tuple[str, ...]:
         """The features the models read: a pooled set only those that mean the same for any product."""
         return SCALE_FREE if self.pooled else FEATURE_NAMES
-
-
-@dataclass
-class Scored:
-    """Served models (persistence, the learned ones shrunk) with the volatility model, their
-    calibrations, and their hold-out and walk-forward scores."""
-
-    models: dict[str, Predictor]
-    volatility: VolatilityModel
-    calibration: dict[str, Calibration]
-    holdout: dict[str, Metrics]
-    walk_forward: dict[str, Metrics]
-    train: Dataset
-    calib: Dataset  # the tail of ``train`` that calibrates the intervals (nothing is fitted on it)
-    test: Dataset
-    seconds: dict[str, float]
-    #: A pooled set's hold-out per product, in that product's own prices (``test`` is in relative
-    #: units), and each product's scores there; empty for one product's version.
-    tests: dict[str, Dataset] = field(default_factory=dict)
-    by_product: dict[str, dict[str, Metrics]] = field(default_factory=dict)
 
 
 def load_dataset(cfg: TrainConfig) -> tuple[Dataset, dict[str, Dataset]]:

@@ -11,12 +11,12 @@ import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Protocol
+from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
 
-from appliance.api.stream import Hub
-from appliance.candles import HORIZONS, HOUR, CandleRow
+from appliance.api.stream import Hub, IngestView
+from appliance.candles import HORIZONS, HOUR
 from appliance.health import Conditions
 from appliance.inference import Inference
 from appliance.predictions import PredictionRow
@@ -24,15 +24,6 @@ from appliance.predictor import Predictor
 from appliance.settings import Settings
 from appliance.store import Store
 from appliance.storekeeper import diagnose
-
-
-class IngestView(Protocol):
-    @property
-    def connected(self) -> bool: ...
-
-    def last_trade_time_us(self, product: str) -> int | None: ...
-
-    def live_candle(self, product: str, granularity: int) -> CandleRow | None: ...
 
 
 @dataclass

@@ -11,18 +11,26 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from appliance.api.schemas import CandleOut, PredictionResult
 from appliance.candles import HOUR, CandleRow
 from appliance.predictions import PredictionRow
 
-if TYPE_CHECKING:
-    from appliance.api.state import IngestView
-
 QUEUE = 64
 CANDLE_EVENT_GAP_S = 0.25  # live price updates to the dashboard at most 4 times a second
 Event = dict[str, Any]
+
+
+class IngestView(Protocol):
+    """What the API and the stream see of ingest: never its internals."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    def last_trade_time_us(self, product: str) -> int | None: ...
+
+    def live_candle(self, product: str, granularity: int) -> CandleRow | None: ...
 
 
 class Hub:
