@@ -47,9 +47,10 @@ from tests.conftest import BTC_1H, ETH_1H, REPO, Broker, MqttWatcher, free_port,
 
 PRODUCTS = ("BTC-USD", "ETH-USD")
 MODELS = ("cnn", "lasso", "persistence")
-START, END = "2025-09-01", "2025-10-01"  # the month replayed; three days before it are history
+#: The month replayed; the eight days before it are history (the hourly models read 169 hours).
+START, END = "2025-09-01", "2025-10-01"
 RETENTION_DAYS = 7
-TAPE = [f"--candles=BTC-USD={BTC_1H}", f"--candles=ETH-USD={ETH_1H}", "--from=2025-08-29", f"--to={END}",
+TAPE = [f"--candles=BTC-USD={BTC_1H}", f"--candles=ETH-USD={ETH_1H}", "--from=2025-08-24", f"--to={END}",
         f"--start-at={START}", "--trades-per-candle=60,120", "--heartbeat-s=0.5"]  # fmt: skip
 FAULTS = ["--drop-every=5000", "--silence-every=20000", "--silence-s=0.5", "--omit-rate=0.002",
           "--duplicate-rate=0.002", "--malformed-every=997", "--fault-seed=11"]  # fmt: skip
@@ -220,7 +221,7 @@ def main() -> int:
     args = parser.parse_args()
     args.out.mkdir(exist_ok=True)
     began = time.monotonic()
-    tape = load_tape(candles=[("BTC-USD", BTC_1H), ("ETH-USD", ETH_1H)], start=parse_time("2025-08-29"),
+    tape = load_tape(candles=[("BTC-USD", BTC_1H), ("ETH-USD", ETH_1H)], start=parse_time("2025-08-24"),
                      end=parse_time(END), trades_per_candle=(60, 120))  # fmt: skip
     last_ids = {p: max(t.trade_id for t in tape if t.product == p) for p in PRODUCTS}
     print(f"soak: {len(tape):,} trades, 30 days at {args.speed:.0f}x with faults, MQTT, 3 stream clients",

@@ -28,8 +28,10 @@ from tests.dockerenv import (
     wait_healthy,
 )
 
-#: The image's own layers, on top of its base (decimal MB, as ``docker images`` counts).
-MAX_RUNTIME_MB = 150
+#: The image's own layers, on top of its base (decimal MB, as ``docker images`` counts): about 137 MB
+#: of runtime and 17 MB of registry (six versions of 2.7 MB: BTC-USD, ETH-USD and the pooled set, each
+#: at both horizons).
+MAX_RUNTIME_MB = 160
 
 #: Imported inside the image: what must be there, and what must not (the training stack, dev tools).
 PROBE = """
