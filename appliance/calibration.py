@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import sqlite3
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -36,10 +35,10 @@ from appliance.health import Conditions
 from appliance.history import backfill, missing_span
 from appliance.predictions import Calibration
 from appliance.store import Store
+from appliance.storekeeper import StoreKeeper, reported
 
 if TYPE_CHECKING:
     from appliance.inference import Inference, ProductModels
-    from appliance.storekeeper import StoreKeeper
 
 log = logging.getLogger(__name__)
 
@@ -179,12 +178,8 @@ class Calibrator:
                 await self._wake.wait()
                 self._wake.clear()
                 if self.keeper is None or self.keeper.writable:  # a result could not be kept otherwise
-                    try:
+                    with reported(self.keeper):
                         await self._check_all()
-                    except sqlite3.Error as exc:
-                        if self.keeper is None:
-                            raise
-                        self.keeper.failed(exc)
                 await asyncio.sleep(self.CHECK_S)
         finally:
             self._worker.shutdown(wait=False, cancel_futures=True)

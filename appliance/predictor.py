@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -24,7 +23,7 @@ from appliance.inference import Inference
 from appliance.metrics import COVERAGE_80, REALIZED_MAE
 from appliance.predictions import Accuracy, PredictionRow, accuracy
 from appliance.store import Store
-from appliance.storekeeper import StoreKeeper
+from appliance.storekeeper import StoreKeeper, reported
 
 log = logging.getLogger(__name__)
 RELOAD_EVERY_S = 10.0
@@ -70,13 +69,9 @@ class Predictor:
         """Predict every product and horizon whose newest closed candle has no prediction yet."""
         if self.keeper is not None and not self.keeper.writable:
             return []
-        try:
+        with reported(self.keeper):
             return self._step()
-        except sqlite3.Error as exc:
-            if self.keeper is None:
-                raise
-            self.keeper.failed(exc)
-            return []
+        return []
 
     def forget(self) -> None:
         """The store was replaced: every candle is new to it, predicted or not."""

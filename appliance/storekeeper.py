@@ -25,7 +25,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -79,6 +79,18 @@ def diagnose(exc: BaseException, path: Path) -> Trouble:
     ):
         return Trouble("readonly", f"database file cannot be written: {path} ({exc})")
     return Trouble("io", f"storage error: {exc}")
+
+
+@contextlib.contextmanager
+def reported(keeper: StoreKeeper | None) -> Iterator[None]:
+    """A storage error inside is handed to ``keeper`` (reported, writes paused) and ends the block;
+    a part run without a keeper (tests, tools) raises it instead."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        if keeper is None:
+            raise
+        keeper.failed(exc)
 
 
 class StoreKeeper:
