@@ -3,10 +3,11 @@
 Sessions are created once per model version, checked (sha256, feature spec) and warmed up before
 they replace the ones serving; a broken or mismatched version is refused and the old one keeps
 serving. A prediction is one feature row through the volatility model (sigma) and each point model
-(raw features in, log return out, times its shrink factor; persistence runs nothing), with the
-interval from the model's calibration times sigma. Versions are per product and granularity; one
-version serving many products (a pooled one) is loaded once, and its intervals are calibrated per
-product on the device (:mod:`appliance.calibration`) once the calibrator has done so.
+(raw features in, log return out, times its shrink factor; persistence, and a model shrunk all the
+way to it, run nothing), with the interval from the model's calibration times sigma. Versions are
+per product and granularity; one version serving many products (a pooled one) is loaded once, and
+its intervals are calibrated per product on the device (:mod:`appliance.calibration`) once the
+calibrator has done so.
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ class Graph:
 @dataclass(frozen=True)
 class LoadedModel:
     name: str
-    graph: Graph | None  # None: persistence
+    #: None: nothing to run, the point is persistence's (persistence itself, or a model whose shrink
+    #: factor is 0: its graph is still checked when loaded, but times 0 it adds nothing but CPU).
+    graph: Graph | None
     shrink: float
     quantiles: dict[str, float]
 
@@ -106,7 +109,7 @@ def load_models(folder: Path) -> ProductModels:
         g = None
         if entry.file and entry.input_name and entry.output_name:  # the registry checks they go together
             g = graph(name, entry.file, entry.input_name, entry.output_name)
-        models[name] = LoadedModel(name, g, entry.shrink, entry.intervals.quantiles)
+        models[name] = LoadedModel(name, g if entry.shrink else None, entry.shrink, entry.intervals.quantiles)
     return ProductModels(manifest, models, volatility)
 
 
