@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Literal
+from typing import Literal, NamedTuple
 
 US = 1_000_000
 SIZE_SCALE = 100_000_000
@@ -94,9 +94,12 @@ class Candle:
         return self.volume_e8 / SIZE_SCALE
 
 
-@dataclass(frozen=True, slots=True)
-class CandleRow:
-    """A closed candle as stored and served: open time (epoch seconds), OHLC and volume in base units."""
+class CandleRow(NamedTuple):
+    """A closed candle as stored and served: open time (epoch seconds), OHLC and volume in base units.
+
+    A named tuple, not a frozen dataclass: every close reads a window of them for each product and
+    horizon, and a tuple is built three times faster.
+    """
 
     start: int
     open: float

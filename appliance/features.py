@@ -39,11 +39,12 @@ import json
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from numpy.typing import NDArray
+
+from appliance.candles import CandleRow
 
 SPEC_NAME = "cryptopi-features-v2"
 LAGS = 24
@@ -97,14 +98,12 @@ class CandleSeries:
             raise ValueError(f"candle starts must ascend on {self.granularity}s boundaries")
 
     @classmethod
-    def from_rows(cls, granularity: int, rows: Sequence[Any]) -> CandleSeries:
-        """From objects with ``start, open, high, low, close, volume`` attributes (e.g. store rows)."""
-
-        def column(name: str) -> Floats:
-            return np.fromiter((getattr(r, name) for r in rows), dtype=np.float64, count=len(rows))
-
-        starts = np.fromiter((r.start for r in rows), dtype=np.int64, count=len(rows))
-        return cls(granularity, starts, *(column(k) for k in ("open", "high", "low", "close", "volume")))
+    def from_rows(cls, granularity: int, rows: Sequence[CandleRow]) -> CandleSeries:
+        """From candle rows (the store's, a CSV file's), transposed in one pass: every close does this
+        for each product and horizon."""
+        start, *ohlcv = zip(*rows, strict=True) if rows else ((),) * 7
+        prices = (np.array(c, dtype=np.float64) for c in ohlcv[:5])  # the trade counts are not features
+        return cls(granularity, np.array(start, dtype=np.int64), *prices)
 
     def __len__(self) -> int:
         return len(self.start)

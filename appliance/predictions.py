@@ -1,8 +1,8 @@
-"""Predictions as values, and how the ones that came due scored (pure: no store, no metrics)."""
+"""Predictions, calibrations and accuracy as values (pure: no store, no metrics)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -59,6 +59,8 @@ class Calibration:
 
 @dataclass(frozen=True)
 class Accuracy:
+    """How one model's predictions that came due scored (None: none has yet)."""
+
     model: str
     predictions: int
     mae: float | None
@@ -66,18 +68,3 @@ class Accuracy:
     skill: float | None  # 1 - mae / persistence_mae
     coverage_80: float | None
     coverage_95: float | None
-
-
-def accuracy(model: str, rows: Sequence[PredictionRow]) -> Accuracy:
-    """Scores of the realized rows among ``rows`` (others are still waiting for their candle)."""
-    done = [(r, r.realized_close) for r in rows if r.realized_close is not None]
-    if not done:
-        return Accuracy(model, 0, None, None, None, None, None)
-    n = len(done)
-    mae = sum(abs(r.predicted_close - y) for r, y in done) / n
-    base = sum(abs(r.last_close - y) for r, y in done) / n
-    return Accuracy(
-        model, n, mae, base, 1 - mae / base if base else None,
-        sum(r.lower_80 <= y <= r.upper_80 for r, y in done) / n,
-        sum(r.lower_95 <= y <= r.upper_95 for r, y in done) / n,
-    )  # fmt: skip

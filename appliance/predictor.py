@@ -21,7 +21,7 @@ from appliance.candles import US, CandleRow
 from appliance.features import WINDOW, CandleSeries, MissingHistory
 from appliance.inference import Inference
 from appliance.metrics import COVERAGE_80, REALIZED_MAE
-from appliance.predictions import Accuracy, PredictionRow, accuracy
+from appliance.predictions import Accuracy, PredictionRow
 from appliance.store import Store
 from appliance.storekeeper import StoreKeeper, reported
 
@@ -79,9 +79,43 @@ class Predictor:
         self._looked.clear()
 
     def _step(self) -> list[PredictionRow]:
+        """One round over the pairs due: read their windows, record the closes that came due (one
+        transaction) and score them, predict, and store the round's predictions (one transaction).
+        Two commits a round rather than two a pair: fifty products close together."""
         started = time.perf_counter()
-        made: list[PredictionRow] = []
+        windows = self._due_windows()
+        if not windows:
+            return []
+        closes = {key: {r.start: r.close for r in rows[-2:]} for key, (_, rows) in windows.items()}
+        for key, realized in self.store.realize(closes).items():
+            if realized:
+                self.score(*key)
+        made = {key: self._made(key, rows) for key, (_, rows) in windows.items()
+                if self._done_as_of.get(key) != rows[-1].start + key[1]}  # fmt: skip
+        rows_made = [p for predictions in made.values() for p in predictions]
+        if rows_made:
+            self.store.save_predictions(rows_made)
+        for key, predictions in made.items():
+            if predictions:
+                self._done_as_of[key] = predictions[0].as_of
+                self.missing[key] = None
+        for key, (open_bucket, rows) in windows.items():
+            as_of = rows[-1].start + key[1]
+            if self._done_as_of.get(key) == as_of and open_bucket in (as_of, None):  # none newer can come yet
+                self._waiting.discard(key)
+            else:  # looked at again within RETRY_S until the candle before open_bucket is predicted
+                self._waiting.add(key)
+        if rows_made:
+            log.info("predictions made", extra=round_fields(rows_made, time.perf_counter() - started))
+            for listener in self.listeners:
+                listener(rows_made)
+        return rows_made
+
+    def _due_windows(self) -> dict[Horizon, tuple[int | None, list[CandleRow]]]:
+        """The open candle and the newest closed candles of each pair whose market clock entered a new
+        candle, or that still waits for one (at most every ``RETRY_S``)."""
         clock, now = self.store.last_trade_times(), time.monotonic()
+        windows = {}
         for product in self.inference.products:
             for g in self.inference.granularities:
                 key = (product, g)
@@ -90,46 +124,25 @@ class Predictor:
                 if seen and seen[0] == open_bucket and (key not in self._waiting or now - seen[1] < RETRY_S):
                     continue
                 self._looked[key] = (open_bucket, now)
-                made += self._predict(product, g, open_bucket)
-        if made:
-            log.info("predictions made", extra=round_fields(made, time.perf_counter() - started))
-            for listener in self.listeners:
-                listener(made)
-        return made
+                rows = self.store.series_rows(product, g, last=WINDOW + 2)
+                if rows:
+                    windows[key] = (open_bucket, rows)
+                else:
+                    self.missing[key] = "no candles stored yet"
+                    self._waiting.add(key)
+        return windows
 
-    def _predict(self, product: str, g: int, open_bucket: int | None) -> list[PredictionRow]:
-        """The prediction from the newest closed candle stored. The pair keeps waiting (looked at again
-        within ``RETRY_S``) until the candle before ``open_bucket`` is stored and predicted."""
-        key = (product, g)
-        rows = self.store.series_rows(product, g, last=WINDOW + 2)
-        if not rows:
-            self.missing[key] = "no candles stored yet"
-            self._waiting.add(key)
-            return []
-        if self.store.realize(product, g, {r.start: r.close for r in rows[-2:]}):
-            self.score(product, g)
-        as_of = rows[-1].start + g
-        made = [] if self._done_as_of.get(key) == as_of else self._made(product, g, rows, as_of)
-        if self._done_as_of.get(key) == as_of and open_bucket in (as_of, None):  # none newer can come yet
-            self._waiting.discard(key)
-        else:
-            self._waiting.add(key)
-        return made
-
-    def _made(self, product: str, g: int, rows: list[CandleRow], as_of: int) -> list[PredictionRow]:
-        key = (product, g)
+    def _made(self, key: Horizon, rows: list[CandleRow]) -> list[PredictionRow]:
+        """The predictions from the newest closed candle of ``rows``; none (and why) if it cannot be."""
+        product, g = key
         if self.inference.serving_of(product, g) is None:
             self.missing[key] = "no model loaded"
             return []
         try:
-            predictions = self.inference.predict(product, CandleSeries.from_rows(g, rows))
+            return self.inference.predict(product, CandleSeries.from_rows(g, rows))
         except MissingHistory as exc:
             self.missing[key] = f"history too short: {exc}"
             return []
-        self.store.save_predictions(predictions)
-        self._done_as_of[key] = as_of
-        self.missing[key] = None
-        return predictions
 
     def score(self, product: str, granularity: int) -> None:
         """Refresh the rolling accuracy (the newest week of hours, or of 15 minutes) after new closes."""
@@ -179,8 +192,7 @@ def round_fields(rows: Sequence[PredictionRow], seconds: float) -> dict[str, obj
 
 
 def scores(
-    store: Store, product: str, models: Sequence[str], window: int, granularity: int | None = None
+    store: Store, product: str, models: Sequence[str], window: int, granularity: int
 ) -> list[Accuracy]:
-    """Each model's accuracy over its newest ``window`` predictions (of one horizon, if given)."""
-    return [accuracy(m, store.predictions(product, model=m, limit=window, granularity=granularity))
-            for m in models]  # fmt: skip
+    """Each model's accuracy over its newest ``window`` predictions at one horizon."""
+    return [store.accuracy(product, granularity, m, window) for m in models]

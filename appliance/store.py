@@ -20,7 +20,8 @@ import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass, fields
+from operator import attrgetter
 from pathlib import Path
 from typing import Literal
 
@@ -33,9 +34,13 @@ from appliance.candles import (
     bucket_start,
     splice,
 )
-from appliance.predictions import Calibration, PredictionRow
+from appliance.predictions import Accuracy, Calibration, PredictionRow
 
 log = logging.getLogger(__name__)
+
+_PREDICTION_FIELDS = tuple(f.name for f in fields(PredictionRow))
+#: A prediction's column values in table order (dataclasses.astuple deep-copies every field).
+_prediction_values = attrgetter(*_PREDICTION_FIELDS)
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: trade-built candles, imported history, per-product ingest cursor.
@@ -497,8 +502,8 @@ class Store:
         """Store new predictions; one already made for the same product, model and candle is kept."""
         with self._transaction() as db:
             cur = db.executemany(
-                f"INSERT OR IGNORE INTO predictions VALUES ({', '.join('?' * len(fields(PredictionRow)))})",
-                [astuple(r) for r in rows],
+                f"INSERT OR IGNORE INTO predictions VALUES ({', '.join('?' * len(_PREDICTION_FIELDS))})",
+                map(_prediction_values, rows),
             )
         return cur.rowcount
 
@@ -562,15 +567,33 @@ class Store:
         )
         return [PredictionRow(*row) for row in rows]
 
-    def realize(self, product: str, granularity: int, closes: Mapping[int, float]) -> int:
-        """Record the realized close of predicted candles (keyed by candle start) that have closed."""
+    def realize(self, closes: Mapping[tuple[str, int], Mapping[int, float]]) -> dict[tuple[str, int], int]:
+        """Record the realized close of predicted candles that have closed (keyed by product and
+        granularity, then candle start), all in one transaction; how many each key realized."""
+        done = {}
         with self._transaction() as db:
-            cur = db.executemany(
-                "UPDATE predictions SET realized_close = ? WHERE product = ? AND granularity = ?"
-                " AND target_time = ? AND realized_close IS NULL",
-                [(close, product, granularity, start + granularity) for start, close in closes.items()],
-            )
-        return cur.rowcount
+            for (product, granularity), by_start in closes.items():
+                done[product, granularity] = db.executemany(
+                    "UPDATE predictions SET realized_close = ? WHERE product = ? AND granularity = ?"
+                    " AND target_time = ? AND realized_close IS NULL",
+                    [(close, product, granularity, start + granularity) for start, close in by_start.items()],
+                ).rowcount
+        return done
+
+    def accuracy(self, product: str, granularity: int, model: str, window: int) -> Accuracy:
+        """How one model's realized predictions among its newest ``window`` at one horizon scored (the
+        others are still waiting for their candle), beside persistence on the same candles. Summed
+        by SQLite: every close scores every model of every product, a week of predictions each."""
+        n, mae, base, in_80, in_95 = self._db.execute(
+            "SELECT count(*), avg(abs(predicted_close - realized_close)),"
+            " avg(abs(last_close - realized_close)), avg(realized_close BETWEEN lower_80 AND upper_80),"
+            " avg(realized_close BETWEEN lower_95 AND upper_95)"
+            " FROM (SELECT last_close, predicted_close, lower_80, upper_80, lower_95, upper_95, realized_close"
+            " FROM predictions WHERE product = ? AND granularity = ? AND model = ?"
+            " ORDER BY as_of DESC LIMIT ?) WHERE realized_close IS NOT NULL",
+            (product, granularity, model, window),
+        ).fetchone()
+        return Accuracy(model, n, mae, base, 1 - mae / base if base else None, in_80, in_95)
 
     def trade_candle_deltas(self, product: str, granularity: int) -> dict[int, Candle]:
         """Exact stored trade candles (integer volume), for comparisons against an oracle."""

@@ -40,7 +40,7 @@ def store_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for end in range(len(candles) - PREDICTED, len(candles)):
             window = candles[end - WINDOW + 1 : end + 1]
             store.save_predictions(inference.predict("BTC-USD", CandleSeries.from_rows(3600, window)))
-        store.realize("BTC-USD", 3600, {r.start: r.close for r in candles})
+        store.realize({("BTC-USD", 3600): {r.start: r.close for r in candles}})
     return path
 
 

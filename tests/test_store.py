@@ -158,7 +158,8 @@ def test_predictions_are_kept_once_and_realized_later(tmp_path: Path) -> None:
             ("cnn", 7200),
             ("lasso", 10800),
         ]
-        assert store.realize("BTC-USD", 3600, {7200: 100.7}) == 2  # the candle 7200..10800 closed at 100.7
+        # the candle 7200..10800 closed at 100.7
+        assert store.realize({("BTC-USD", 3600): {7200: 100.7}}) == {("BTC-USD", 3600): 2}
         realized = store.predictions("BTC-USD", model="lasso", at=7200)
         assert [(p.predicted_close, p.realized_close) for p in realized] == [(100.5, 100.7)]
 
@@ -177,7 +178,10 @@ def test_each_horizon_keeps_its_own_prediction_of_the_same_close(tmp_path: Path)
             (3600, "cnn"), (900, "cnn"), (900, "lasso"),
         ]  # fmt: skip
         assert [p.model for p in store.latest_predictions("BTC-USD", 900)] == ["cnn", "lasso"]
-        assert store.realize("BTC-USD", 900, {7200: 100.2}) == 2  # the quarter 7200..8100 closed
+        # the quarter 7200..8100 closed; one call records both horizons' closes, each counted on its own
+        assert store.realize({("BTC-USD", 900): {7200: 100.2}, ("BTC-USD", 3600): {3600: 100.1}}) == {
+            ("BTC-USD", 900): 2, ("BTC-USD", 3600): 0,
+        }  # fmt: skip
         assert [p.realized_close for p in store.predictions("BTC-USD", granularity=3600)] == [None]
         assert [p.realized_close for p in store.predictions("BTC-USD", granularity=900)] == [100.2, 100.2]
 
