@@ -587,9 +587,9 @@ class Store:
         n, mae, base, in_80, in_95 = self._db.execute(
             "SELECT count(*), avg(abs(predicted_close - realized_close)),"
             " avg(abs(last_close - realized_close)), avg(realized_close BETWEEN lower_80 AND upper_80),"
-            " avg(realized_close BETWEEN lower_95 AND upper_95)"
-            " FROM (SELECT last_close, predicted_close, lower_80, upper_80, lower_95, upper_95, realized_close"
-            " FROM predictions WHERE product = ? AND granularity = ? AND model = ?"
+            " avg(realized_close BETWEEN lower_95 AND upper_95) FROM (SELECT last_close, predicted_close,"
+            " lower_80, upper_80, lower_95, upper_95, realized_close FROM predictions"
+            " WHERE product = ? AND granularity = ? AND model = ?"
             " ORDER BY as_of DESC LIMIT ?) WHERE realized_close IS NOT NULL",
             (product, granularity, model, window),
         ).fetchone()
