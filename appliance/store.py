@@ -38,6 +38,17 @@ from appliance.predictions import Accuracy, Calibration, PredictionRow
 
 log = logging.getLogger(__name__)
 
+#: One product's trade candles of a bounded span, a lookup per bucket: the table is keyed time first
+#: (so that a commit of every product's newest candles touches adjacent pages of the SD card), and a
+#: range read of one product would step over every other product's candles of the same buckets,
+#: fifty times the rows with fifty products. Parameters: product, granularity, first bucket, end.
+_BUCKET_BY_BUCKET = """
+    WITH RECURSIVE bucket(start) AS (
+        SELECT ?3 WHERE ?3 < ?4 UNION ALL SELECT start + ?2 FROM bucket WHERE start + ?2 < ?4
+    )
+    SELECT t.start, open, high, low, close, volume_e8, trades FROM bucket JOIN trade_candles AS t
+    ON t.granularity = ?2 AND t.start = bucket.start AND t.product = ?1 ORDER BY t.start
+"""
 _PREDICTION_FIELDS = tuple(f.name for f in fields(PredictionRow))
 #: A prediction's column values in table order (dataclasses.astuple deep-copies every field).
 _prediction_values = attrgetter(*_PREDICTION_FIELDS)
@@ -462,10 +473,13 @@ class Store:
         lo = start if start is not None else -(2**62)
         hi = end if end is not None else 2**62
         if source == "trades":
-            sql = (
-                "SELECT start, open, high, low, close, volume_e8, trades FROM trade_candles"
-                " WHERE product = ? AND granularity = ? AND start >= ? AND start < ? ORDER BY start"
-            )
+            if start is None or end is None:
+                sql = (
+                    "SELECT start, open, high, low, close, volume_e8, trades FROM trade_candles"
+                    " WHERE product = ? AND granularity = ? AND start >= ? AND start < ? ORDER BY start"
+                )
+            else:  # one lookup a bucket (see _BUCKET_BY_BUCKET)
+                sql, lo = _BUCKET_BY_BUCKET, -(-start // granularity) * granularity
             return [
                 CandleRow(s, o, h, lo_, c, v / SIZE_SCALE, n)
                 for s, o, h, lo_, c, v, n in self._db.execute(sql, (product, granularity, lo, hi))
@@ -492,7 +506,8 @@ class Store:
             return []
         since = newest - (last + 1) * granularity if last is not None else None
         history = self.candles(product, granularity, source="history", start=since)
-        built = self.candles(product, granularity, source="trades", start=since) if state else []
+        until = newest + granularity if since is not None else None  # no trade candle is newer
+        built = self.candles(product, granularity, source="trades", start=since, end=until) if state else []
         rows = splice(history, built, state, granularity)
         return rows[-last:] if last else rows
 

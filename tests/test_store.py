@@ -145,6 +145,26 @@ def test_series_uses_trade_candles_only_from_the_first_whole_bucket(tmp_path: Pa
     assert [(r.start // h, r.close) for r in rows] == [(0, 10.0), (1, 10.0), (2, 10.0), (3, 20.0), (4, 20.0)]
 
 
+def test_a_window_of_trade_candles_reads_its_own_product_among_fifty(tmp_path: Path) -> None:
+    """Trade candles are keyed time first; a bounded read (a lookup a bucket) and an open-ended one (a
+    range scan) both return exactly one product's candles, with holes left as holes."""
+    h, us = 3600, 1_000_000
+    products = [f"P{i:02d}-USD" for i in range(50)]
+    with Store(tmp_path / "db.sqlite3") as store:
+        store.commit_trades([
+            TradeCommit(p, {(h, s * h): Candle(10.0 + i, 11.0 + i, 9.0, 10.0 + i, 100, 1)
+                            for s in range(10) if (s, i) != (4, 7)}, 1, 9, 9 * h * us + 5, 0)
+            for i, p in enumerate(products)
+        ])  # fmt: skip
+        everything = store.candles("P07-USD", h)
+        assert [(r.start // h, r.close) for r in everything] == [(s, 17.0) for s in range(10) if s != 4]
+        assert store.candles("P07-USD", h, start=2 * h - 1, end=7 * h) == everything[2:6]  # aligned up
+        assert store.candles("P07-USD", h, start=7 * h, end=7 * h) == []
+        assert store.candles("P07-USD", h, start=9 * h, end=10**10) == everything[-1:]
+        window = store.series_rows("P07-USD", h, last=3)  # the open hour 9 left out
+        assert [r.start // h for r in window] == [6, 7, 8]
+
+
 def test_predictions_are_kept_once_and_realized_later(tmp_path: Path) -> None:
     def row(model: str, as_of: int, predicted: float) -> PredictionRow:
         return PredictionRow("BTC-USD", model, as_of, "v1", 3600, as_of + 3600, 100.0, predicted,
