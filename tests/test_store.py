@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from appliance.candles import Candle, CandleRow, IngestState
-from appliance.predictions import PredictionRow
+from appliance.predictions import Accuracy, PredictionRow
 from appliance.store import MIGRATIONS, Store, TradeCommit
 
 
@@ -204,6 +204,35 @@ def test_each_horizon_keeps_its_own_prediction_of_the_same_close(tmp_path: Path)
         }  # fmt: skip
         assert [p.realized_close for p in store.predictions("BTC-USD", granularity=3600)] == [None]
         assert [p.realized_close for p in store.predictions("BTC-USD", granularity=900)] == [100.2, 100.2]
+
+
+def test_accuracy_scores_the_realized_among_the_newest_window(tmp_path: Path) -> None:
+    """Of one model and horizon, the newest ``window`` predictions; the realized among them scored
+    (bounds inclusive), beside persistence on the same candles; none realized: nothing to say."""
+
+    def row(as_of: int, predicted: float, realized: float | None, model: str = "lasso") -> PredictionRow:
+        return PredictionRow("BTC-USD", model, as_of, "v1", 3600, as_of + 3600, 100.0, predicted,
+                             99.0, 101.0, 98.0, 102.0, 0.0, realized)  # fmt: skip
+
+    with Store(tmp_path / "db.sqlite3") as store:
+        store.save_predictions([
+            row(3600, 100.0, 150.0),  # the oldest: outside a window of three
+            row(7200, 100.5, 101.0),  # on the 80 % bound: inside
+            row(10800, 99.0, 97.0),  # outside both intervals
+            row(14400, 100.0, None),  # the newest, its candle still open: in the window, not scored
+            row(14400, 90.0, 100.0, model="cnn"),  # another model
+        ])  # fmt: skip
+        got = store.accuracy("BTC-USD", 3600, "lasso", 3)
+        assert (got.model, got.predictions) == ("lasso", 2)
+        assert got.mae == pytest.approx((0.5 + 2.0) / 2)
+        assert got.persistence_mae == pytest.approx((1.0 + 3.0) / 2)
+        assert got.skill == pytest.approx(1 - 1.25 / 2.0)
+        assert (got.coverage_80, got.coverage_95) == (0.5, 0.5)
+        assert store.accuracy("BTC-USD", 3600, "lasso", 4).predictions == 3
+        assert store.accuracy("BTC-USD", 3600, "lasso", 1) == Accuracy(
+            "lasso", 0, None, None, None, None, None
+        )
+        assert store.accuracy("BTC-USD", 900, "lasso", 10).predictions == 0
 
 
 def test_predictions_of_schema_2_move_to_the_per_horizon_key(tmp_path: Path) -> None:
