@@ -56,6 +56,11 @@ class IntervalCalibration(_Frozen):
     quantiles: dict[str, float]  # level ("0.8") -> multiplier of sigma
 
 
+#: ``params["weights"]`` of a model served from a dynamically quantized graph, whose integer kernels
+#: are the CPU's own (its figures hold to the last digit only on a CPU like the one that trained it).
+INT8_WEIGHTS = "int8-dynamic"
+
+
 class ModelEntry(_Frozen):
     """A point model. Without a file it is persistence: a log return of zero, no graph to run."""
 
@@ -68,6 +73,10 @@ class ModelEntry(_Frozen):
     intervals: IntervalCalibration
     metrics: dict[str, dict[str, float | None]]  # "holdout" / "walk_forward" -> metric -> value
     params: dict[str, float | int | str] = Field(default_factory=dict)
+
+    @property
+    def int8(self) -> bool:
+        return self.params.get("weights") == INT8_WEIGHTS
 
     @model_validator(mode="after")
     def _graph_is_named(self) -> ModelEntry:

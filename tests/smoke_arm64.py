@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from appliance.registry import load_version
 from tests.conftest import LIVE_MARKET_ARGS, REPO, free_port, replay_process
 from tests.dockerenv import (
     DockerError,
@@ -53,8 +53,7 @@ INT8_TOLERANCE = 5e-5
 
 def int8(version: str, model: str) -> bool:
     """Whether the shipped version serves ``model`` from an int8 graph (its manifest says so)."""
-    manifest = json.loads((REPO / "appliance" / "models" / version / "manifest.json").read_text())
-    return bool(manifest["models"][model].get("params", {}).get("weights") == "int8-dynamic")
+    return load_version(REPO / "appliance" / "models" / version).models[model].int8
 
 
 class Phases:

@@ -73,7 +73,7 @@ def test_serving_reproduces_the_manifest_holdout_metrics(product: str, granulari
         holdout = entry.metrics["holdout"]
         n = len(errors[name])
         assert n == holdout["rows"] == len(test)
-        if entry.params.get("weights") != "int8-dynamic":
+        if not entry.int8:
             assert np.mean(errors[name]) == pytest.approx(holdout["mae"], rel=1e-6), name
             for level in ("80", "95"):
                 assert inside[name][level] / n == pytest.approx(holdout[f"coverage_{level}"], abs=1e-9), name

@@ -17,6 +17,7 @@ import numpy as np
 from appliance.features import FEATURE_NAMES, SPEC_HASH, SPEC_NAME
 from appliance.registry import (
     ANY_PRODUCT,
+    INT8_WEIGHTS,
     FeatureSpecRef,
     IntervalCalibration,
     Manifest,
@@ -253,7 +254,7 @@ def serve_quantized(cfg: TrainConfig, scored: Scored, fp32: Path) -> tuple[Score
         return scored, info | {"weights": "fp32"}
     int8.path.replace(fp32)  # served under the usual name; the session already holds the graph
     int8.path = fp32
-    return candidate, info | {"weights": "int8-dynamic"}
+    return candidate, info | {"weights": INT8_WEIGHTS}
 
 
 def register(cfg: TrainConfig, scored: Scored, out: Path, *, force: bool = False) -> Registered:
